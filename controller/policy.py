@@ -1,0 +1,86 @@
+"""The controller policy as a plain ``nn.Module``, shaped like SB3's deterministic actor.
+
+``PolicyNet(obs) = clip(action_net(mlp((obs - mean) / std)), -1, 1)``: the same computation as
+``PPO.predict(obs, deterministic=True)`` for an ``MlpPolicy`` with a Box[-1, 1] action space, with
+any observation normalisation folded in. It needs torch only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from controller.actions import ActionConfig
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+class PolicyNet(nn.Module):
+    """Observation vector(s) → action(s) in [-1, 1].
+
+    Args:
+        n_features: observation length.
+        hidden: hidden layer widths (SB3's ``net_arch["pi"]``).
+        activation: ``"tanh"`` (SB3's PPO default) or ``"relu"``.
+        obs_mean, obs_std: observation normalisation (identity when None).
+        obs_clip: normalised observations are clipped to ±obs_clip (SB3 VecNormalize's clip_obs).
+
+    Example:
+        >>> net = PolicyNet(19, hidden=(64, 64))
+        >>> net(torch.zeros(19)).shape
+        torch.Size([1])
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        hidden: tuple[int, ...] | list[int] = (64, 64),
+        activation: str = "tanh",
+        obs_mean: Tensor | None = None,
+        obs_std: Tensor | None = None,
+        obs_clip: float = 10.0,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.n_features = int(n_features)
+        self.hidden = tuple(int(h) for h in hidden)
+        self.activation = activation
+        self.obs_clip = float(obs_clip)
+        layers: list[nn.Module] = []
+        width = self.n_features
+        for h in self.hidden:
+            layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
+            width = h
+        self.mlp = nn.Sequential(*layers)
+        self.action_net = nn.Linear(width, 1)
+        mean = torch.zeros(self.n_features) if obs_mean is None else obs_mean.detach().float().reshape(-1)
+        std = torch.ones(self.n_features) if obs_std is None else obs_std.detach().float().reshape(-1)
+        self.register_buffer("obs_mean", mean.clone())
+        self.register_buffer("obs_std", std.clone())
+        self.action_config = ActionConfig()
+        """The action map and safety rule the policy was trained with (set by ``load_policy``)."""
+        self.metadata: dict[str, Any] = {}
+        """The policy file's metadata (set by ``load_policy``)."""
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """``(..., n_features)`` observations → ``(..., 1)`` actions in [-1, 1]."""
+        x = (obs.float() - self.obs_mean) / self.obs_std
+        x = x.clamp(-self.obs_clip, self.obs_clip)
+        return self.action_net(self.mlp(x)).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def act(self, obs: Any) -> float:
+        """One observation (array-like) → one action as a Python float."""
+        return float(self(torch.as_tensor(obs, dtype=torch.float32)).reshape(-1)[0])
+
+    def shape_dict(self) -> dict[str, Any]:
+        """The architecture, as stored in the policy file's metadata."""
+        return {
+            "n_features": self.n_features,
+            "hidden": list(self.hidden),
+            "activation": self.activation,
+            "obs_clip": self.obs_clip,
+        }

@@ -1,0 +1,223 @@
+"""``PolicyScheduler``: a trained LR controller as a drop-in ``torch.optim`` scheduler."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from controller.actions import next_lr
+from controller.checkpoint import load_policy
+from controller.features import FEATURE_NAMES, FeatureBuilder
+from controller.policy import PolicyNet
+from controller.signals import StepStatsHook
+
+_STATE_VERSION = 1
+
+
+def _as_float(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        return float(value.detach().item())
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+def _per_group(value: float | Sequence[float], n_groups: int, name: str) -> list[float]:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n_groups
+    if len(values) != n_groups:
+        raise ValueError(f"expected {n_groups} values for {name}, one per param group, got {len(values)}")
+    out = [float(v) for v in values]
+    if any(math.isnan(v) or v < 0 for v in out):
+        raise ValueError(f"{name} must be >= 0, got {out}")
+    return out
+
+
+class PolicyScheduler(LRScheduler):
+    """Sets the learning rate once per epoch with a policy trained by reinforcement learning.
+
+    After each epoch, call ``step(val_loss, train_loss=...)``. The scheduler builds an observation
+    from the losses, the optimizer-hook signals it gathers itself (gradient norm statistics,
+    update-to-weight ratio, alignment of successive gradients; see :mod:`controller.signals`), the LR
+    and the fraction of ``total_epochs`` done; the policy answers ``a`` ∈ [-1, 1] and every param
+    group's LR is multiplied by the same factor 2^a (ratios between groups kept), subject to the
+    safety rule of :mod:`controller.actions` the policy was trained with (LR within
+    [min_ratio, max_ratio] × initial, a cut when the validation loss blows up) and to ``min_lr`` /
+    ``max_lr``.
+
+    ``step()`` with no metric (what Hugging Face Trainer calls after every optimizer step) leaves the
+    LR unchanged. A NaN or infinite ``metrics`` / ``train_loss`` does not reach the policy: the LR is
+    multiplied by the policy's ``cut_factor`` (0.25 for the bundled policy), a warning is issued once,
+    and training carries on. The LR is never set to NaN or 0.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``, any number of param groups, on CPU or CUDA.
+        total_epochs: the run's epoch budget (decisions expected: one per epoch).
+        policy: a policy file path, an already loaded :class:`PolicyNet`, or None for the bundled
+            default policy.
+        min_lr: lower bound(s) on each group's LR (a float or one per group).
+        max_lr: upper bound(s) on each group's LR.
+        last_epoch: as in other torch schedulers; leave at -1 and use :meth:`load_state_dict` to resume.
+
+    Attributes:
+        history: one dict per decision: ``epoch``, ``lr`` (set for the next epoch), ``action`` (raw
+            policy output, None when a non-finite loss bypassed the policy), ``cut`` (safety cut
+            fired), ``train_loss``, ``val_loss``, ``val_accuracy`` and ``obs`` (the observation).
+
+    Example:
+        >>> scheduler = PolicyScheduler(optimizer, total_epochs=30)
+        >>> for epoch in range(30):
+        ...     train_loss = train_one_epoch(model, optimizer)   # optimizer.step() inside
+        ...     val_loss = evaluate(model)
+        ...     scheduler.step(val_loss, train_loss=train_loss)
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        total_epochs: int,
+        policy: str | Path | PolicyNet | None = None,
+        *,
+        min_lr: float | Sequence[float] = 0.0,
+        max_lr: float | Sequence[float] = math.inf,
+        last_epoch: int = -1,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"{type(optimizer).__name__} is not an Optimizer")
+        if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
+            raise ValueError(f"total_epochs must be a positive int, got {total_epochs!r}")
+        n_groups = len(optimizer.param_groups)
+        self.min_lrs = _per_group(min_lr, n_groups, "min_lr")
+        self.max_lrs = _per_group(max_lr, n_groups, "max_lr")
+        if any(lo > hi for lo, hi in zip(self.min_lrs, self.max_lrs)):
+            raise ValueError(f"min_lr {self.min_lrs} exceeds max_lr {self.max_lrs}")
+        lr0 = float(optimizer.param_groups[0]["lr"])
+        if not (math.isfinite(lr0) and lr0 > 0):
+            raise ValueError(f"the optimizer's LR must be positive and finite, got {lr0}")
+        self.policy = policy if isinstance(policy, PolicyNet) else load_policy(policy)
+        if self.policy.n_features != len(FEATURE_NAMES):
+            raise ValueError(f"policy takes {self.policy.n_features} features, this library computes {len(FEATURE_NAMES)}")
+        self.action_config = self.policy.action_config
+        self.total_epochs = total_epochs
+        self.initial_lr = lr0
+        self.features = FeatureBuilder(total_epochs, lr0, optimizer)
+        self.history: list[dict[str, Any]] = []
+        self._warned_nonfinite = False
+        self._hook = StepStatsHook(optimizer)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        """The current LRs: only a decision in :meth:`step` changes them."""
+        return [float(group["lr"]) for group in self.optimizer.param_groups]
+
+    def step(  # type: ignore[override]
+        self,
+        metrics: float | torch.Tensor | None = None,
+        *,
+        train_loss: float | torch.Tensor | None = None,
+        val_accuracy: float | torch.Tensor | None = None,
+    ) -> None:
+        """Decide the LR for the next epoch from this epoch's results.
+
+        Args:
+            metrics: the validation loss after the epoch. None: no decision, LR unchanged.
+            train_loss: mean training loss over the epoch (recommended; the policy uses it).
+            val_accuracy: validation accuracy in [0, 1] for classification tasks.
+        """
+        val_loss = _as_float(metrics, "metrics")
+        if val_loss is None:
+            if self.last_epoch < 0:  # the base class's initial call
+                self.last_epoch = 0
+            self._last_lr = self.get_lr()
+            return
+        train = _as_float(train_loss, "train_loss")
+        accuracy = _as_float(val_accuracy, "val_accuracy")
+        self.last_epoch += 1
+        self._step_count += 1
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        obs = self.features.observe(
+            epoch=self.last_epoch, lr=lr, train_loss=train, val_loss=val_loss, val_accuracy=accuracy,
+            stats=self._hook.collect(),
+        )
+        finite = math.isfinite(val_loss) and (train is None or math.isfinite(train))
+        action: float | None
+        if finite:
+            action = self.policy.act(obs)
+            new_lr, cut = next_lr(
+                lr, self.initial_lr, action, val_loss=val_loss, best_val_loss=self.features.best_before_last,
+                config=self.action_config,
+            )
+        else:
+            if not self._warned_nonfinite:
+                warnings.warn(
+                    f"PolicyScheduler got a non-finite loss (val {val_loss}, train {train}) at epoch "
+                    f"{self.last_epoch}; cutting the LR by {self.action_config.cut_factor} instead of asking "
+                    "the policy (warned once)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._warned_nonfinite = True
+            action, cut = None, True
+            new_lr = max(lr * self.action_config.cut_factor, self.initial_lr * self.action_config.min_ratio)
+        factor = new_lr / lr
+        for group, lo, hi in zip(self.optimizer.param_groups, self.min_lrs, self.max_lrs):
+            group["lr"] = min(max(float(group["lr"]) * factor, lo), hi)
+        self._last_lr = self.get_lr()
+        self.history.append(
+            {
+                "epoch": self.last_epoch,
+                "lr": self._last_lr[0],
+                "action": action,
+                "cut": cut,
+                "train_loss": train,
+                "val_loss": val_loss,
+                "val_accuracy": accuracy,
+                "obs": [float(x) for x in obs],
+            }
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Primitives only (loads with ``torch.load(..., weights_only=True)``); the policy is not included."""
+        return {
+            "version": _STATE_VERSION,
+            "last_epoch": self.last_epoch,
+            "_step_count": self._step_count,
+            "total_epochs": self.total_epochs,
+            "initial_lr": self.initial_lr,
+            "base_lrs": [float(lr) for lr in self.base_lrs],
+            "_last_lr": [float(lr) for lr in self._last_lr],
+            "min_lrs": list(self.min_lrs),
+            "max_lrs": list(self.max_lrs),
+            "features": self.features.state_dict(),
+            "hook": self._hook.state_dict(),
+            "history": [dict(h) for h in self.history],
+            "_warned_nonfinite": self._warned_nonfinite,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the next decision is the one the saved run would have made."""
+        state = dict(state_dict)
+        version = state.pop("version", None)
+        if version != _STATE_VERSION:
+            raise ValueError(f"PolicyScheduler state version {version!r} is not {_STATE_VERSION}")
+        self.features.load_state_dict(state.pop("features"))
+        self._hook.load_state_dict(state.pop("hook"))
+        self.history = [dict(h) for h in state.pop("history")]
+        for key, value in state.items():
+            if key not in {
+                "last_epoch", "_step_count", "total_epochs", "initial_lr", "base_lrs", "_last_lr",
+                "min_lrs", "max_lrs", "_warned_nonfinite",
+            }:
+                raise ValueError(f"unknown PolicyScheduler state key {key!r}")
+            setattr(self, key, value)

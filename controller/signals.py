@@ -1,0 +1,213 @@
+"""Training signals an optimizer step hook can see with no user code.
+
+:class:`StepStatsHook` registers a post-step hook on any ``torch.optim.Optimizer`` and gathers, per
+optimizer step, the global gradient norm, and on sparse *probe* steps the alignment of successive
+gradients and the update-to-weight norm ratio. Everything stays on the optimizer's device until
+:meth:`StepStatsHook.collect` reads it once per decision (one host sync per epoch).
+
+The reductions from raw per-step values to :class:`StepStats` live in :func:`summarize_grad_norms`
+and :func:`summarize_probes`, which accept batched tensors too, so that a batched inner run (many
+models in one computation) produces exactly the statistics this hook produces.
+
+Why these signals: loss and gradient norm relative to their first values cannot tell an LR that is
+too high from one that is too low. Successive gradients that point against each other
+(``grad_cos`` < 0) mean the iterate oscillates across a valley (LR too high); consistently aligned
+gradients (``grad_cos`` > 0) mean it creeps along one (LR too low). The update-to-weight ratio
+(≈1e-3 per step in a healthy run) is an absolute scale that no relative feature gives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+NORM_SAMPLES = 32
+"""Gradient norms sampled per epoch, at most: every ``max(1, steps of the previous epoch // 32)``-th step."""
+PROBE_PAIRS = 4
+"""Probe pairs per epoch, about: one every ``max(PROBE_MIN_EVERY, previous epoch's steps // 4)`` steps."""
+PROBE_MIN_EVERY = 8
+"""Probe pairs never start closer than this many steps apart."""
+
+
+def sampling_intervals(previous_steps: int) -> tuple[int, int]:
+    """``(norm_every, probe_every)`` for an epoch, from the previous epoch's step count (0: none yet).
+
+    Sparse sampling keeps the hook's cost per optimizer step far below the step itself on long
+    epochs; short epochs (the first, and tiny datasets) sample every step's gradient norm.
+    """
+    if previous_steps <= 0:
+        return 1, PROBE_MIN_EVERY
+    return max(1, previous_steps // NORM_SAMPLES), max(PROBE_MIN_EVERY, previous_steps // PROBE_PAIRS)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Per-epoch summary of optimizer-step signals. NaN marks a value that was not observed."""
+
+    steps: int
+    """Optimizer steps since the last collect."""
+    grad_norm_mean: float
+    """Mean global gradient L2 norm over the steps."""
+    grad_norm_cv: float
+    """Spread: standard deviation / mean of the per-step gradient norms (0 for a single step)."""
+    grad_norm_trend: float
+    """ln(mean norm over the second half of the steps / mean over the first half)."""
+    update_ratio: float
+    """Mean ||w_{t+1} - w_t|| / ||w_t|| over probe pairs."""
+    grad_cos: float
+    """Mean cosine between the gradients of two successive steps over probe pairs, in [-1, 1]."""
+
+    @classmethod
+    def empty(cls) -> StepStats:
+        nan = math.nan
+        return cls(0, nan, nan, nan, nan, nan)
+
+
+def summarize_grad_norms(norms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean, coefficient of variation and half-to-half log trend of per-step gradient norms.
+
+    Args:
+        norms: ``(..., steps)`` gradient norms; leading dimensions are independent runs.
+
+    Returns:
+        Three tensors of shape ``(...)``: mean, cv (population std / mean) and
+        ``ln(mean(second half) / mean(first half))`` (0 when ``steps < 2``).
+    """
+    norms = norms.double()
+    steps = norms.shape[-1]
+    mean = norms.mean(-1)
+    std = norms.std(-1, correction=0)
+    cv = std / mean.clamp_min(1e-30)
+    if steps < 2:
+        trend = torch.zeros_like(mean)
+    else:
+        half = steps // 2
+        first = norms[..., :half].mean(-1).clamp_min(1e-30)
+        second = norms[..., steps - half :].mean(-1).clamp_min(1e-30)
+        trend = torch.log(second / first)
+    return mean, cv, trend
+
+
+def probe_values(
+    grad_prev: Tensor, grad: Tensor, weight_prev: Tensor, weight: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Gradient cosine and update-to-weight ratio of one probe pair.
+
+    Args:
+        grad_prev, grad: flattened gradients of two successive steps, ``(..., n)``.
+        weight_prev, weight: flattened parameters after those two steps, ``(..., n)``.
+
+    Returns:
+        ``(cos, ratio)`` of shape ``(...)``.
+    """
+    dot = (grad_prev * grad).sum(-1)
+    cos = dot / (torch.linalg.vector_norm(grad_prev, dim=-1) * torch.linalg.vector_norm(grad, dim=-1)).clamp_min(1e-30)
+    ratio = torch.linalg.vector_norm(weight - weight_prev, dim=-1) / torch.linalg.vector_norm(
+        weight_prev, dim=-1
+    ).clamp_min(1e-30)
+    return cos, ratio
+
+
+class StepStatsHook:
+    """Gathers :class:`StepStats` from an optimizer through ``register_step_post_hook``.
+
+    The hook runs after every ``optimizer.step()``, so it sees the gradients the step used (inside
+    Lightning, whose closure runs forward/backward within ``step``, too). With gradient clipping on,
+    it sees the clipped gradients. It samples: the gradient norm on every ``norm_every``-th step and
+    a probe pair (two successive steps: gradient cosine and update-to-weight ratio) every
+    ``probe_every`` steps, both from :func:`sampling_intervals` of the previous epoch's length.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``; all parameters with ``requires_grad`` are watched.
+
+    Example:
+        >>> hook = StepStatsHook(optimizer)
+        >>> for x, y in batches:
+        ...     ...; optimizer.step()
+        >>> stats = hook.collect()   # one host sync; starts the next epoch's window
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.params: list[Tensor] = [
+            p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
+        ]
+        self._steps = 0
+        self._previous_steps = 0
+        self._norm_every, self._probe_every = sampling_intervals(0)
+        self._norms: list[Tensor] = []
+        self._cos: list[Tensor] = []
+        self._ratios: list[Tensor] = []
+        self._probe: tuple[Tensor, Tensor] | None = None
+        self._handle = optimizer.register_step_post_hook(self._after_step)
+
+    def remove(self) -> None:
+        """Detach the hook from the optimizer."""
+        self._handle.remove()
+
+    @torch.no_grad()
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        index = self._steps
+        self._steps += 1
+        probe_end = self._probe is not None
+        probe_start = not probe_end and index % self._probe_every == 0
+        if not (probe_end or probe_start or index % self._norm_every == 0):
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        if index % self._norm_every == 0:
+            self._norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+        if probe_end:
+            grad_prev, weight_prev = self._probe  # type: ignore[misc]
+            self._probe = None
+            grad = torch.cat([g.reshape(-1) for g in grads])
+            if grad.numel() == grad_prev.numel():
+                weight = torch.cat([p.reshape(-1) for p in self.params if p.grad is not None])
+                cos, ratio = probe_values(grad_prev, grad, weight_prev, weight)
+                self._cos.append(cos)
+                self._ratios.append(ratio)
+        elif probe_start:
+            self._probe = (
+                torch.cat([g.reshape(-1) for g in grads]),
+                torch.cat([p.reshape(-1) for p in self.params if p.grad is not None]),
+            )
+
+    def state_dict(self) -> dict[str, object]:
+        """The current window as plain numbers (a pending probe pair is dropped)."""
+        return {
+            "steps": self._steps,
+            "previous_steps": self._previous_steps,
+            "norms": [float(x) for x in self._norms],
+            "cos": [float(x) for x in self._cos],
+            "ratios": [float(x) for x in self._ratios],
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        device = self.params[0].device if self.params else torch.device("cpu")
+        as_tensors = lambda xs: [torch.tensor(x, device=device) for x in xs]  # type: ignore[attr-defined]  # noqa: E731
+        self._steps = int(state["steps"])  # type: ignore[call-overload]
+        self._previous_steps = int(state["previous_steps"])  # type: ignore[call-overload]
+        self._norm_every, self._probe_every = sampling_intervals(self._previous_steps)
+        self._norms, self._cos, self._ratios = (as_tensors(state[k]) for k in ("norms", "cos", "ratios"))
+        self._probe = None
+
+    @torch.no_grad()
+    def collect(self) -> StepStats:
+        """Summarise the steps since the last call and start a new window."""
+        steps, norms, cos, ratios = self._steps, self._norms, self._cos, self._ratios
+        self._steps, self._norms, self._cos, self._ratios, self._probe = 0, [], [], [], None
+        if steps:
+            self._previous_steps = steps
+            self._norm_every, self._probe_every = sampling_intervals(steps)
+        if not norms:
+            return StepStats.empty()
+        mean, cv, trend = summarize_grad_norms(torch.stack(norms))
+        values = [mean, cv, trend]
+        if cos:
+            values += [torch.stack(cos).double().mean(), torch.stack(ratios).double().mean()]
+        host = torch.stack(values).tolist()  # the one device → host read per decision
+        grad_cos, update_ratio = (host[3], host[4]) if cos else (math.nan, math.nan)
+        return StepStats(steps, host[0], host[1], host[2], update_ratio, grad_cos)

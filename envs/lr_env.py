@@ -1,0 +1,244 @@
+"""``LRControlEnv``: an agent sets the learning rate of a real PyTorch training run, once per epoch."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from controller.actions import ActionConfig, next_lr
+from controller.features import CLIP, N_FEATURES, FeatureBuilder
+from envs.inner import EpochResult, InnerRun, TorchRun
+from envs.tasks import TRAIN_FAMILIES, TaskConfig, get_family
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """How episodes are drawn and scored."""
+
+    families: tuple[str, ...] = TRAIN_FAMILIES
+    """Task families episodes are drawn from (uniformly)."""
+    device: str = "auto"
+    """"auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"."""
+    num_threads: int | None = 1
+    """torch intra-op threads set when the env is built (None: leave torch's setting alone)."""
+    action: ActionConfig = field(default_factory=ActionConfig)
+    """Action map and safety rule (stored in exported policy files)."""
+    divergence_penalty: float = 3.0
+    """A diverged episode's return is -divergence_penalty (as if the final val loss were e^3 × the first)."""
+    explode_ratio: float = 10.0
+    """A finite val loss above explode_ratio × the untrained model's val loss counts as divergence."""
+    lr_multiplier: float | None = None
+    """Initial LR = family default × this; None draws it log-uniformly over three decades."""
+
+    def __post_init__(self) -> None:
+        if not self.families:
+            raise ValueError("EnvConfig.families is empty")
+        for name in self.families:
+            get_family(name)
+        if self.divergence_penalty < 0:
+            raise ValueError(f"divergence_penalty must be >= 0, got {self.divergence_penalty}")
+        if not self.explode_ratio > 1:
+            raise ValueError(f"explode_ratio must be > 1, got {self.explode_ratio}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" → CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _info_float(x: float | None) -> float:
+    """Info values stay comparable across seeded runs: NaN is reported as inf ("infinitely bad")."""
+    if x is None:
+        return -1.0  # not defined (regression has no accuracy)
+    return x if not math.isnan(x) else math.inf
+
+
+class Episode:
+    """The per-episode bookkeeping shared by :class:`LRControlEnv` and the batched vector env.
+
+    Turns the :class:`EpochResult` of each epoch into an observation, a reward and the episode-end
+    flags, and an action into the next LR (action map + safety rule of :mod:`controller.actions`).
+    """
+
+    def __init__(self, task: TaskConfig, config: EnvConfig) -> None:
+        self.task, self.config = task, config
+        self.features = FeatureBuilder(task.epochs, task.lr, task.optimizer)
+        self.epoch = 0
+        self.initial_val = math.inf
+        self.first_val: float | None = None
+        self.prev_val: float | None = None
+        self.diverged = False
+        self.cut = False
+
+    def _is_diverged(self, result: EpochResult) -> bool:
+        return not result.finite or result.val_loss > self.config.explode_ratio * self.initial_val
+
+    def start(self, initial_val: float, result: EpochResult, lr: float) -> tuple[np.ndarray, dict[str, Any]]:
+        """The observation after the first epoch (trained at the initial LR).
+
+        Args:
+            initial_val: the untrained model's validation loss (the reference for divergence).
+            result: the first epoch's result.
+            lr: the LR the first epoch ran with.
+        """
+        self.epoch = 1
+        self.initial_val = initial_val if math.isfinite(initial_val) else math.inf
+        self.diverged = self._is_diverged(result)
+        if not self.diverged:
+            self.first_val = self.prev_val = result.val_loss
+        obs = self.features.observe(epoch=1, lr=lr, train_loss=result.train_loss, val_loss=result.val_loss,
+                                    val_accuracy=result.val_accuracy, stats=result.stats)
+        return obs, self.info(result, lr)
+
+    def decide(self, lr: float, action: float) -> float:
+        """The LR for the next epoch: action map, then the safety rule."""
+        new_lr, self.cut = next_lr(lr, self.task.lr, action, val_loss=self.features.last_val,
+                                   best_val_loss=self.features.best_before_last, config=self.config.action)
+        return new_lr
+
+    def advance(self, result: EpochResult, lr: float) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Observation, reward, terminated, truncated and info after one more epoch at ``lr``."""
+        self.epoch += 1
+        obs = self.features.observe(epoch=self.epoch, lr=lr, train_loss=result.train_loss,
+                                    val_loss=result.val_loss, val_accuracy=result.val_accuracy, stats=result.stats)
+        if self._is_diverged(result):
+            self.diverged = True
+            return obs, self.divergence_reward(), True, False, self.info(result, lr)
+        assert self.prev_val is not None
+        reward = math.log(self.prev_val) - math.log(result.val_loss)
+        self.prev_val = result.val_loss
+        truncated = self.epoch >= self.task.epochs
+        return obs, float(np.clip(reward, -50.0, 50.0)), False, truncated, self.info(result, lr)
+
+    def divergence_reward(self) -> float:
+        """Undo the return so far and subtract the penalty: the episode's return is -penalty."""
+        gained = 0.0 if self.first_val is None or self.prev_val is None else math.log(self.first_val / self.prev_val)
+        return -gained - self.config.divergence_penalty
+
+    def info(self, result: EpochResult, lr: float) -> dict[str, Any]:
+        return {
+            "family": self.task.family,
+            "epoch": self.epoch,
+            "lr": lr,
+            "train_loss": _info_float(result.train_loss),
+            "val_loss": _info_float(result.val_loss),
+            "val_accuracy": _info_float(result.val_accuracy),
+            "grad_norm": _info_float(result.stats.grad_norm_mean),
+            "cut": self.cut,
+            "diverged": self.diverged,
+        }
+
+
+class LRControlEnv(gym.Env):
+    """Set the learning rate of a real PyTorch training run, one epoch per step.
+
+    ## Description
+    Each episode draws a task — a family from ``EnvConfig.families`` (or ``options["family"]``),
+    an architecture, batch size, optimizer (SGD with momentum, Adam, AdamW), an initial LR
+    log-uniform over three decades around the family's default, an epoch budget of 10–40 and a
+    seed — builds it, and trains the first epoch at the initial LR. Each step then sets the LR for
+    the next epoch and trains it. The environment sees only what a deployed
+    ``controller.PolicyScheduler`` sees, through the same code (``controller.features``).
+
+    ## Action Space
+    ``Box(-1, 1, (1,), float32)``: the LR of every param group becomes ``lr · 2^a`` (ratios between
+    groups kept), then the safety rule applies: a cut to ``cut_factor`` × lr when the validation loss
+    exceeds ``blowup_ratio`` × its best, and bounds ``[min_ratio, max_ratio]`` × initial LR
+    (``controller.actions``, the same rule the scheduler applies).
+
+    ## Observation Space
+    ``Box(-5, 5, (19,), float32)``, the entries named by ``controller.features.FEATURE_NAMES``:
+    progress, LR relative to initial and absolute, optimizer kind, train/val losses relative to their
+    first and best values and one epoch ago, accuracy, gradient-norm mean/spread/trend,
+    update-to-weight ratio, cosine of successive gradients, steps per epoch. Always finite.
+
+    ## Rewards
+    ``r_t = ln(val_loss_{t-1}) - ln(val_loss_t)``: dense, and an episode's return equals
+    ``ln(first val loss / final val loss)``, the log improvement over the first epoch. A diverged
+    episode gets a final reward that makes its return exactly ``-divergence_penalty`` (default 3).
+
+    ## Starting State
+    The task trained for one epoch at its initial LR.
+
+    ## Episode End
+    Terminated when a loss is non-finite or the validation loss exceeds ``explode_ratio`` (10) × the
+    untrained model's (divergence); when that happens in the first epoch, the first step ends the
+    episode with the penalty. Truncated when the epoch budget is used up (an episode of budget E has E-1
+    steps). Never raises for a bad LR, never emits NaN or inf in observations or rewards.
+
+    ## Arguments
+    ``gymnasium.make("LRControl-v0", config=EnvConfig(...))``. ``reset(seed=..., options=...)``
+    accepts ``options={"family": name}`` to pick the family, ``{"task": TaskConfig}`` to run one
+    fixed task, and ``{"lr_multiplier": m}`` to start at m × the family default LR.
+
+    ``info`` holds ``family, epoch, lr, train_loss, val_loss, val_accuracy (-1 for regression),
+    grad_norm, cut, diverged`` (non-finite losses reported as inf).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, config: EnvConfig | None = None, render_mode: str | None = None) -> None:
+        self.config = config or EnvConfig()
+        if render_mode is not None:
+            raise ValueError(f"LRControlEnv renders nothing; render_mode must be None, got {render_mode!r}")
+        self.render_mode = render_mode
+        if self.config.num_threads is not None:
+            torch.set_num_threads(self.config.num_threads)
+        self.device = resolve_device(self.config.device)
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+        self.observation_space = spaces.Box(-CLIP, CLIP, shape=(N_FEATURES,), dtype=np.float32)
+        self.run: InnerRun | None = None
+        self.episode: Episode | None = None
+        self._last_obs: np.ndarray | None = None
+        self._last_info: dict[str, Any] = {}
+
+    def sample_task(self, options: dict[str, Any] | None = None) -> TaskConfig:
+        """The task of the next episode, drawn from ``self.np_random`` (see ``reset``'s options)."""
+        options = options or {}
+        unknown = set(options) - {"family", "task", "lr_multiplier"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; known: family, task, lr_multiplier")
+        if "task" in options:
+            return options["task"]
+        name = options.get("family")
+        if name is None:
+            name = self.config.families[int(self.np_random.integers(len(self.config.families)))]
+        multiplier = options.get("lr_multiplier", self.config.lr_multiplier)
+        return get_family(name).sample(self.np_random, lr_multiplier=multiplier)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):  # type: ignore[override]
+        super().reset(seed=seed)
+        task = self.sample_task(options)
+        self.run = TorchRun(task, self.device)
+        self.episode = Episode(task, self.config)
+        initial_val, _ = self.run.evaluate("val")
+        obs, info = self.episode.start(initial_val, self.run.run_epoch(), self.run.lr)
+        self._last_obs, self._last_info = obs, info
+        return obs, info
+
+    def step(self, action: np.ndarray):  # type: ignore[override]
+        if self.run is None or self.episode is None:
+            raise RuntimeError("call reset() before step()")
+        episode = self.episode
+        if episode.diverged:  # the first epoch already diverged: nothing left to control
+            assert self._last_obs is not None
+            return self._last_obs.copy(), -self.config.divergence_penalty, True, False, dict(self._last_info)
+        a = float(np.asarray(action, dtype=np.float64).reshape(-1)[0])
+        self.run.set_lr(episode.decide(self.run.lr, a))
+        obs, reward, terminated, truncated, info = episode.advance(self.run.run_epoch(), self.run.lr)
+        self._last_obs, self._last_info = obs, info
+        return obs, reward, terminated, truncated, info
+
+    def test_loss(self) -> tuple[float, float | None]:
+        """The current model's loss and accuracy on the test split (for reporting only)."""
+        if self.run is None:
+            raise RuntimeError("call reset() first")
+        return self.run.evaluate("test")

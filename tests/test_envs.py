@@ -1,0 +1,144 @@
+"""The inner task suite and the LRControl-v0 environment."""
+
+import math
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import envs
+from controller.features import CLIP, N_FEATURES
+from envs import FAMILIES, TRAIN_FAMILIES, VALIDATION_FAMILIES, EnvConfig, TorchRun, get_family
+
+
+def make_env(family: str, **kwargs) -> envs.LRControlEnv:
+    return gym.make("LRControl-v0", config=EnvConfig(families=(family,), **kwargs)).unwrapped
+
+
+def test_suite_shape():
+    assert len(FAMILIES) >= 8
+    assert set(TRAIN_FAMILIES).isdisjoint(VALIDATION_FAMILIES)
+    assert set(TRAIN_FAMILIES) | set(VALIDATION_FAMILIES) == set(FAMILIES)
+    kinds = {get_family(f).kind for f in FAMILIES}
+    assert kinds == {"classification", "regression"}
+    with pytest.raises(ValueError, match="unknown task family 'nope'"):
+        get_family("nope")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_env_checkers_pass_without_warnings(family):
+    env = make_env(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gym_check_env(env)
+        sb3_check_env(env, warn=True)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_trains_at_default_lr(family):
+    fam = get_family(family)
+    run = TorchRun(fam.default_task(seed=0))
+    initial, _ = run.evaluate("val")
+    results = [run.run_epoch() for _ in range(4)]
+    losses = [r.train_loss for r in results]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0], losses
+    assert results[-1].val_loss < initial
+    test_loss, test_acc = run.evaluate("test")
+    assert math.isfinite(test_loss)
+    assert (test_acc is None) == (fam.kind == "regression")
+    assert results[-1].stats.steps == math.ceil(run.task.data.x_train.shape[0] / run.config.batch_size)
+
+
+def rollout(env, seed, actions, options=None):
+    obs, info = env.reset(seed=seed, options=options)
+    out = [(obs, info)]
+    for a in actions:
+        obs, r, term, trunc, info = env.step(np.array([a], dtype=np.float32))
+        out.append((obs, r, info))
+        if term or trunc:
+            break
+    return out
+
+
+def test_same_seed_same_trajectory():
+    env = make_env("digits_mlp")
+    actions = [0.5, -0.3, 1.0, 0.0]
+    a, b = rollout(env, 7, actions), rollout(env, 7, actions)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x[0], y[0])
+        assert x[-1] == y[-1]
+    c = rollout(env, 8, actions)
+    assert not np.array_equal(a[-1][0], c[-1][0])
+
+
+def test_reset_does_not_touch_global_torch_rng():
+    import torch
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    make_env("breast_cancer_mlp").reset(seed=0)
+    np.testing.assert_array_equal(torch.rand(3), expected)
+
+
+def test_huge_lr_ends_episode_cleanly_with_penalty():
+    env = make_env("digits_mlp", divergence_penalty=3.0)
+    obs, info = env.reset(seed=0, options={"lr_multiplier": 1e4})
+    assert np.isfinite(obs).all()
+    total, terminated, steps = 0.0, False, 0
+    while not terminated:
+        obs, reward, terminated, truncated, info = env.step(np.array([1.0], dtype=np.float32))
+        assert np.isfinite(obs).all() and math.isfinite(reward)
+        total += reward
+        steps += 1
+        assert not truncated, "a x1e4 LR must diverge, not run out its budget"
+    assert info["diverged"]
+    assert total == pytest.approx(-3.0)
+
+
+def test_action_scales_every_group_and_return_telescopes():
+    env = make_env("friedman_mlp")
+    obs, info = env.reset(seed=3, options={"lr_multiplier": 1.0})
+    first_val, lr0 = info["val_loss"], info["lr"]
+    total = 0.0
+    obs, r, term, trunc, info = env.step(np.array([1.0], dtype=np.float32))
+    total += r
+    assert info["lr"] == pytest.approx(2 * lr0)
+    obs, r, term, trunc, info = env.step(np.array([-1.0], dtype=np.float32))
+    total += r
+    assert info["lr"] == pytest.approx(lr0)
+    while not (term or trunc):
+        obs, r, term, trunc, info = env.step(np.array([0.0], dtype=np.float32))
+        total += r
+    assert trunc and not term
+    assert info["epoch"] == env.episode.task.epochs
+    assert total == pytest.approx(math.log(first_val / info["val_loss"]), rel=1e-6)
+
+
+def test_observation_is_fixed_length_and_bounded():
+    env = make_env("tokens_attention")
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (N_FEATURES,) and obs.dtype == np.float32
+    assert np.all(np.abs(obs) <= CLIP)
+
+
+def test_sampled_tasks_span_three_decades_of_lr():
+    fam = get_family("digits_mlp")
+    rng = np.random.default_rng(0)
+    tasks = [fam.sample(rng) for _ in range(400)]
+    ratios = np.log10([t.lr / fam.default_lr(t.optimizer) for t in tasks])
+    assert ratios.min() < -1.3 and ratios.max() > 1.3
+    assert {t.optimizer for t in tasks} == {"sgd", "adam", "adamw"}
+    assert min(t.epochs for t in tasks) >= 10 and max(t.epochs for t in tasks) <= 40
+
+
+def test_bad_reset_options_and_config_are_refused():
+    env = make_env("digits_mlp")
+    with pytest.raises(ValueError, match="unknown reset options"):
+        env.reset(seed=0, options={"famliy": "digits_mlp"})
+    with pytest.raises(ValueError, match="unknown task family"):
+        EnvConfig(families=("not_a_family",))

@@ -1,0 +1,140 @@
+"""controller.features, controller.signals and controller.actions."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from controller.actions import ActionConfig, lr_factor, next_lr
+from controller.features import CLIP, FEATURE_NAMES, N_FEATURES, FeatureBuilder, optimizer_kind
+from controller.signals import StepStats, StepStatsHook, summarize_grad_norms
+
+EXTREMES = [0.0, 1e-30, 1e30, math.nan, math.inf, -math.inf, -1.0]
+
+
+def test_import_controller_stays_light():
+    code = (
+        "import sys, controller\n"
+        "heavy = [m for m in ('gymnasium', 'stable_baselines3', 'mlflow', 'click', 'envs') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("value", EXTREMES)
+def test_features_finite_and_bounded_for_extreme_inputs(value):
+    fb = FeatureBuilder(total_epochs=10, initial_lr=1e-3, optimizer="adam")
+    stats = StepStats(0, value, value, value, value, value)
+    for epoch in range(1, 4):
+        obs = fb.observe(epoch=epoch, lr=value if epoch == 2 else 1e-3, train_loss=value, val_loss=value,
+                         val_accuracy=value, stats=stats)
+        assert obs.shape == (N_FEATURES,) and obs.dtype == np.float32
+        assert np.isfinite(obs).all(), dict(zip(FEATURE_NAMES, obs))
+        assert np.all(np.abs(obs) <= CLIP)
+
+
+def test_features_relative_values():
+    fb = FeatureBuilder(total_epochs=4, initial_lr=0.1, optimizer=torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
+    stats = StepStats(100, 2.0, 0.5, 0.1, 1e-3, -0.2)
+    fb.observe(epoch=1, lr=0.1, train_loss=2.0, val_loss=2.0, val_accuracy=0.5, stats=stats)
+    obs = dict(zip(FEATURE_NAMES, fb.observe(epoch=2, lr=0.4, train_loss=1.0, val_loss=4.0, stats=stats)))
+    assert obs["progress"] == pytest.approx(0.5)
+    assert obs["log2_lr_rel_initial"] == pytest.approx(0.5)
+    assert obs["opt_sgd"] == 1 and obs["opt_adam"] == 0
+    assert obs["log_train_rel_first"] == pytest.approx(math.log(0.5) / 2)
+    assert obs["log_val_rel_best"] == pytest.approx(2 * math.log(2))
+    assert obs["dlog_val"] == pytest.approx(min(5 * math.log(2), CLIP))
+    assert obs["has_accuracy"] == 0 and obs["val_accuracy"] == 0
+    assert obs["log10_update_ratio"] == pytest.approx(0.0, abs=1e-6)
+    assert obs["grad_cos"] == pytest.approx(-0.2)
+    assert obs["log10_steps"] == pytest.approx(1.0)
+
+
+def test_feature_state_round_trip():
+    a = FeatureBuilder(10, 1e-3, "adam")
+    a.observe(epoch=1, lr=1e-3, train_loss=2.0, val_loss=1.9)
+    b = FeatureBuilder(10, 1e-3, "adam")
+    b.load_state_dict(a.state_dict())
+    kw = dict(epoch=2, lr=2e-3, train_loss=1.5, val_loss=1.6)
+    np.testing.assert_array_equal(a.observe(**kw), b.observe(**kw))
+
+
+def test_optimizer_kind():
+    p = [torch.zeros(1, requires_grad=True)]
+    assert optimizer_kind(torch.optim.SGD(p, lr=0.1)) == "sgd"
+    assert optimizer_kind(torch.optim.AdamW(p)) == "adam"
+    assert optimizer_kind(torch.optim.Adagrad(p)) == "other"
+
+
+def test_hook_grad_norm_cosine_and_update_ratio_match_by_hand():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, 3))
+    b = torch.nn.Parameter(torch.randn(3))
+    lr = 0.05
+    opt = torch.optim.SGD([w, b], lr=lr)
+    hook = StepStatsHook(opt)
+    norms, grads, weights = [], [], []
+    for step in range(3):
+        opt.zero_grad()
+        x = torch.randn(4, 5)
+        ((x @ w + b) ** 2).sum().backward()
+        g = torch.cat([w.grad.reshape(-1), b.grad.reshape(-1)])
+        norms.append(g.norm().item())
+        grads.append(g.clone())
+        opt.step()
+        weights.append(torch.cat([w.detach().reshape(-1), b.detach().reshape(-1)]).clone())
+    stats = hook.collect()
+    assert stats.steps == 3
+    assert stats.grad_norm_mean == pytest.approx(np.mean(norms), rel=1e-6)
+    assert stats.grad_norm_cv == pytest.approx(np.std(norms) / np.mean(norms), rel=1e-5)
+    assert stats.grad_norm_trend == pytest.approx(math.log(norms[2] / norms[0]), rel=1e-5)
+    cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0).item()
+    assert stats.grad_cos == pytest.approx(cos, rel=1e-5)
+    ratio = ((weights[1] - weights[0]).norm() / weights[0].norm()).item()
+    assert stats.update_ratio == pytest.approx(ratio, rel=1e-5)
+    assert hook.collect().steps == 0
+
+
+def test_hook_samples_sparsely_on_long_epochs():
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([w], lr=0.01)
+    hook = StepStatsHook(opt)
+    for epoch in range(2):
+        for _ in range(640):
+            opt.zero_grad()
+            (w**2).sum().backward()
+            opt.step()
+        stats = hook.collect()
+        assert stats.steps == 640
+    assert len(hook.state_dict()["norms"]) == 0
+    # second epoch sampled every 20th step: 32 norms, 4 probe pairs
+    assert hook._norm_every == 20 and hook._probe_every == 160
+
+
+def test_summarize_is_batched():
+    norms = torch.rand(4, 9) + 0.1
+    mean, cv, trend = summarize_grad_norms(norms)
+    for i in range(4):
+        m, c, t = summarize_grad_norms(norms[i])
+        assert torch.allclose(mean[i], m) and torch.allclose(cv[i], c) and torch.allclose(trend[i], t)
+
+
+def test_action_map_and_safety_rule():
+    cfg = ActionConfig()
+    assert lr_factor(1.0) == 2.0 and lr_factor(-1.0) == 0.5 and lr_factor(7.0) == 2.0 and lr_factor(math.nan) == 1.0
+    lr, cut = next_lr(1e-3, 1e-3, 1.0, val_loss=1.0, best_val_loss=0.9, config=cfg)
+    assert lr == pytest.approx(2e-3) and not cut
+    lr, cut = next_lr(1e-3, 1e-3, 1.0, val_loss=3.0, best_val_loss=1.0, config=cfg)
+    assert cut and lr == pytest.approx(1e-3 * cfg.cut_factor)
+    lr, cut = next_lr(1e-3, 1e-3, 0.0, val_loss=math.nan, best_val_loss=1.0, config=cfg)
+    assert cut and lr == pytest.approx(2.5e-4)
+    lr, _ = next_lr(1e-3 * cfg.max_ratio, 1e-3, 1.0, val_loss=1.0, best_val_loss=1.0, config=cfg)
+    assert lr == pytest.approx(1e-3 * cfg.max_ratio)
+    lr, _ = next_lr(1e-3 * cfg.min_ratio, 1e-3, -1.0, val_loss=1.0, best_val_loss=1.0, config=cfg)
+    assert lr == pytest.approx(1e-3 * cfg.min_ratio) and lr > 0
+    with pytest.raises(ValueError):
+        ActionConfig(cut_factor=1.5)
+    assert ActionConfig.from_dict(cfg.to_dict()) == cfg
