@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -70,12 +71,13 @@ class TorchRun(InnerRun):
     Args:
         config: the task to run.
         device: where the model and data live.
+        hook: attach the optimizer-hook signal gathering (off when a scheduler brings its own).
     """
 
-    def __init__(self, config: TaskConfig, device: str | torch.device = "cpu") -> None:
+    def __init__(self, config: TaskConfig, device: str | torch.device = "cpu", *, hook: bool = True) -> None:
         self.config = config
         self.task: Task = build_task(config, device)
-        self.hook = StepStatsHook(self.task.optimizer)
+        self.hook = StepStatsHook(self.task.optimizer) if hook else None
 
     @property
     def lr(self) -> float:
@@ -86,8 +88,12 @@ class TorchRun(InnerRun):
         for group in self.task.optimizer.param_groups:
             group["lr"] = float(group["lr"]) * factor
 
-    def train_epoch(self) -> float:
-        """One pass over the training split in a fresh random order; returns the mean loss."""
+    def train_epoch(self, after_step: Callable[[], None] | None = None) -> float:
+        """One pass over the training split in a fresh random order; returns the mean loss.
+
+        Args:
+            after_step: called after every optimizer step (per-batch schedules such as OneCycle).
+        """
         task, model, optimizer = self.task, self.task.model, self.task.optimizer
         x, y = task.data.x_train, task.data.y_train
         n, batch = x.shape[0], self.config.batch_size
@@ -100,6 +106,8 @@ class TorchRun(InnerRun):
             loss = task.loss(model(x[idx]), y[idx])
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step()
             total += loss.detach() * idx.numel()
         return float(total) / n
 
@@ -128,4 +136,5 @@ class TorchRun(InnerRun):
     def run_epoch(self) -> EpochResult:
         train_loss = self.train_epoch()
         val_loss, val_accuracy = self.evaluate("val")
-        return EpochResult(train_loss, val_loss, val_accuracy, self.hook.collect())
+        stats = self.hook.collect() if self.hook is not None else StepStats.empty()
+        return EpochResult(train_loss, val_loss, val_accuracy, stats)

@@ -1,0 +1,298 @@
+"""Run inner tasks under LR schedules — the learned policy through the public ``PolicyScheduler``,
+and the schedules a practitioner would otherwise use — and score them against a grid-search oracle.
+
+Protocol (``evaluate_policy``):
+
+- tasks: ``seeds`` tasks per family, drawn with :meth:`TaskFamily.sample` (architecture, batch size,
+  optimizer, epoch budget, seed), each started at ``multiplier`` × the family's default LR;
+- schedules: ``policy`` (``controller.PolicyScheduler``), ``constant``, ``cosine``
+  (``CosineAnnealingLR`` to 0), ``step`` (×0.1 at 50 % and 75 % of the budget), ``onecycle``
+  (``OneCycleLR`` with the initial LR as its peak, stepped per batch) and ``plateau``
+  (``ReduceLROnPlateau``, patience 2, factor 0.5), each with the task's own optimizer;
+- oracle: per task (family, seed), the best final test loss of cosine annealing over the LR grid
+  ``default × 3^k``, k = -3..3 — what a full grid search gets;
+- score: final test loss ÷ oracle's, capped at :data:`RATIO_CAP`; a diverged run scores the cap.
+  Aggregates are geometric means over tasks, reported as mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from controller.policy import PolicyNet
+from controller.scheduler import PolicyScheduler
+from envs.inner import TorchRun
+from envs.tasks import TaskConfig, get_family
+
+BASELINES: tuple[str, ...] = ("constant", "cosine", "step", "onecycle", "plateau")
+"""Schedules the policy is compared with."""
+ORACLE_GRID: tuple[float, ...] = tuple(3.0**k for k in range(-3, 4))
+"""LR multipliers of the oracle's grid search (×1/27 … ×27 of the family default)."""
+MULTIPLIERS: tuple[float, ...] = (0.1, 1.0, 10.0)
+"""Initial-LR multipliers of the evaluation protocol."""
+RATIO_CAP = 10.0
+"""Ratios to the oracle are capped here; a diverged run counts as this."""
+
+
+@dataclass
+class RunRecord:
+    """One inner run under one schedule."""
+
+    family: str
+    seed: int
+    """Index of the task within its family's evaluation draw (not the task's RNG seed)."""
+    multiplier: float
+    schedule: str
+    lrs: list[float] = field(default_factory=list)
+    """LR of the first param group during each epoch."""
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    """Validation loss after each epoch."""
+    initial_test: float = math.nan
+    """Test loss of the untrained model."""
+    final_test: float = math.nan
+    final_val: float = math.nan
+    diverged: bool = False
+    """A loss became non-finite (the run stopped there)."""
+
+    @property
+    def blew_up(self) -> bool:
+        """Finite blow-up: the final test loss is above the untrained model's."""
+        return not self.diverged and self.final_test > self.initial_test
+
+
+def evaluation_tasks(family: str, seeds: int, multiplier: float) -> list[TaskConfig]:
+    """The evaluation tasks of a family: task i is drawn from ``np.random.default_rng(1000 + i)``.
+
+    The same draw at another multiplier gives the same task with another initial LR.
+    """
+    fam = get_family(family)
+    return [fam.sample(np.random.default_rng(1000 + i), lr_multiplier=multiplier) for i in range(seeds)]
+
+
+def _make_baseline(name: str, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Any:
+    sched = torch.optim.lr_scheduler
+    if name == "constant":
+        return None
+    if name == "cosine":
+        return sched.CosineAnnealingLR(optimizer, T_max=epochs)
+    if name == "step":
+        return sched.MultiStepLR(optimizer, milestones=[epochs // 2, (3 * epochs) // 4], gamma=0.1)
+    if name == "onecycle":
+        lr = optimizer.param_groups[0]["lr"]
+        return sched.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    if name == "plateau":
+        return sched.ReduceLROnPlateau(optimizer, mode="min", patience=2, factor=0.5)
+    raise ValueError(f"unknown schedule {name!r}; known: policy, {', '.join(BASELINES)}")
+
+
+def run_schedule(
+    task: TaskConfig,
+    schedule: str,
+    policy: PolicyNet | None = None,
+    *,
+    seed_index: int = 0,
+    multiplier: float = math.nan,
+    device: str = "cpu",
+) -> RunRecord:
+    """Train ``task`` for its epoch budget under ``schedule`` and record its curves.
+
+    Args:
+        task: the inner task (its ``lr`` is the initial LR).
+        schedule: ``"policy"`` (needs ``policy``) or one of :data:`BASELINES`.
+        policy: the policy network for ``"policy"``, run through ``controller.PolicyScheduler``.
+        seed_index, multiplier: stored in the record for reporting.
+        device: where the inner run lives.
+    """
+    run = TorchRun(task, device, hook=False)
+    optimizer = run.task.optimizer
+    steps_per_epoch = math.ceil(run.task.data.x_train.shape[0] / task.batch_size)
+    record = RunRecord(task.family, seed_index, multiplier, schedule)
+    record.initial_test = run.evaluate("test")[0]
+    after_step: Callable[[], None] | None = None
+    if schedule == "policy":
+        if policy is None:
+            raise ValueError("schedule 'policy' needs a policy")
+        scheduler: Any = PolicyScheduler(optimizer, total_epochs=task.epochs, policy=policy)
+    else:
+        scheduler = _make_baseline(schedule, optimizer, task.epochs, steps_per_epoch)
+        if schedule == "onecycle":
+            after_step = scheduler.step
+    for epoch in range(1, task.epochs + 1):
+        record.lrs.append(run.lr)
+        train_loss = run.train_epoch(after_step=after_step)
+        val_loss, val_acc = run.evaluate("val")
+        record.train_losses.append(train_loss)
+        record.val_losses.append(val_loss)
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            record.diverged = True
+            break
+        if epoch == task.epochs:
+            break
+        if schedule == "policy":
+            scheduler.step(val_loss, train_loss=train_loss, val_accuracy=val_acc)
+        elif schedule == "plateau":
+            scheduler.step(val_loss)
+        elif schedule in ("cosine", "step"):
+            scheduler.step()
+    record.final_val = record.val_losses[-1]
+    record.final_test = math.inf if record.diverged else run.evaluate("test")[0]
+    if not math.isfinite(record.final_test):
+        record.diverged, record.final_test = True, math.inf
+    return record
+
+
+def ratio_to(value: float, reference: float, cap: float = RATIO_CAP) -> float:
+    """``value / reference`` capped at ``cap``; non-finite values (divergence) count as ``cap``."""
+    if not math.isfinite(value) or not math.isfinite(reference) or reference <= 0:
+        return cap
+    return min(value / reference, cap)
+
+
+def geomean(values: Iterable[float]) -> float:
+    vals = [v for v in values]
+    return float(math.exp(np.mean(np.log(vals)))) if vals else math.nan
+
+
+def _job(args: tuple[TaskConfig, str, PolicyNet | None, int, float, str]) -> RunRecord:
+    task, schedule, policy, seed_index, multiplier, device = args
+    torch.set_num_threads(1)
+    return run_schedule(task, schedule, policy, seed_index=seed_index, multiplier=multiplier, device=device)
+
+
+def make_pool(workers: int | None = None) -> ProcessPoolExecutor:
+    """A process pool for evaluation jobs (one torch thread each; ``workers`` defaults to the CPU count)."""
+    import multiprocessing as mp
+
+    return ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1, mp_context=mp.get_context("forkserver"))
+
+
+def run_jobs(
+    jobs: Sequence[tuple[TaskConfig, str, PolicyNet | None, int, float, str]],
+    pool: Executor | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[RunRecord]:
+    """Run evaluation jobs, in ``pool`` when given (results in job order)."""
+    results: list[RunRecord] = []
+    if pool is None:
+        for job in jobs:
+            results.append(_job(job))
+            if progress:
+                progress(1)
+        return results
+    for record in pool.map(_job, jobs):
+        results.append(record)
+        if progress:
+            progress(1)
+    return results
+
+
+@dataclass
+class Evaluation:
+    """Scores of a policy and the baselines against the oracle on a set of tasks."""
+
+    families: list[str]
+    seeds: int
+    multipliers: list[float]
+    schedules: list[str]
+    records: list[RunRecord]
+    oracle: dict[str, float]
+    """``"family/seed"`` → the oracle's final test loss."""
+
+    def ratio(self, record: RunRecord) -> float:
+        return ratio_to(record.final_test, self.oracle[f"{record.family}/{record.seed}"])
+
+    def select(self, schedule: str, multiplier: float, family: str | None = None) -> list[RunRecord]:
+        return [r for r in self.records if r.schedule == schedule and r.multiplier == multiplier
+                and (family is None or r.family == family)]
+
+    def aggregate(self, schedule: str, multiplier: float, family: str | None = None) -> tuple[float, float]:
+        """Geomean ratio to the oracle over tasks, as (mean, std) over seeds."""
+        per_seed = []
+        for s in range(self.seeds):
+            recs = [r for r in self.select(schedule, multiplier, family) if r.seed == s]
+            if recs:
+                per_seed.append(geomean(self.ratio(r) for r in recs))
+        return float(np.mean(per_seed)), float(np.std(per_seed))
+
+    def failures(self, schedule: str) -> dict[str, int]:
+        """Divergences and finite blow-ups of ``schedule`` on tasks where cosine at the same LR had neither."""
+        cosine = {(r.family, r.seed, r.multiplier): r for r in self.records if r.schedule == "cosine"}
+        out = {"diverged": 0, "blew_up": 0, "tasks": 0}
+        for r in self.records:
+            ref = cosine.get((r.family, r.seed, r.multiplier))
+            if r.schedule != schedule or ref is None or ref.diverged or ref.blew_up:
+                continue
+            out["tasks"] += 1
+            out["diverged"] += r.diverged
+            out["blew_up"] += r.blew_up
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        summary = {
+            f"x{m:g}": {s: dict(zip(("mean", "std"), self.aggregate(s, m))) for s in self.schedules}
+            for m in self.multipliers
+        }
+        per_family = {
+            f: {f"x{m:g}": {s: self.aggregate(s, m, f)[0] for s in self.schedules} for m in self.multipliers}
+            for f in self.families
+        }
+        return {
+            "protocol": {"families": self.families, "seeds": self.seeds, "multipliers": self.multipliers,
+                         "oracle_grid": list(ORACLE_GRID), "ratio_cap": RATIO_CAP},
+            "summary": summary,
+            "per_family": per_family,
+            "failures": {s: self.failures(s) for s in self.schedules},
+            "oracle": self.oracle,
+            "records": [asdict(r) for r in self.records],
+        }
+
+
+def evaluate_policy(
+    policy: PolicyNet | None,
+    families: Sequence[str],
+    *,
+    seeds: int = 3,
+    multipliers: Sequence[float] = MULTIPLIERS,
+    baselines: Sequence[str] = BASELINES,
+    device: str = "cpu",
+    pool: Executor | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Evaluation:
+    """The full protocol of this module's docstring: policy, baselines and oracle on ``families``."""
+    jobs = []
+    for family in families:
+        for multiplier in ORACLE_GRID:
+            for i, task in enumerate(evaluation_tasks(family, seeds, multiplier)):
+                jobs.append((task, "cosine", None, i, -multiplier, device))  # negative: oracle grid
+        for multiplier in multipliers:
+            for i, task in enumerate(evaluation_tasks(family, seeds, multiplier)):
+                if policy is not None:
+                    jobs.append((task, "policy", policy, i, multiplier, device))
+                for name in baselines:
+                    jobs.append((task, name, None, i, multiplier, device))
+    records = run_jobs(jobs, pool, progress)
+    oracle: dict[str, float] = {}
+    for r in records:
+        if r.multiplier < 0:
+            key = f"{r.family}/{r.seed}"
+            if math.isfinite(r.final_test):
+                oracle[key] = min(oracle.get(key, math.inf), r.final_test)
+            else:
+                oracle.setdefault(key, math.inf)
+    schedules = (["policy"] if policy is not None else []) + list(baselines)
+    return Evaluation(list(families), seeds, list(multipliers), schedules,
+                      [r for r in records if r.multiplier > 0], oracle)
+
+
+def n_jobs(families: Sequence[str], seeds: int, multipliers: Sequence[float], n_schedules: int) -> int:
+    """How many inner runs :func:`evaluate_policy` makes (for progress bars)."""
+    return len(families) * seeds * (len(ORACLE_GRID) + len(multipliers) * n_schedules)

@@ -1,0 +1,104 @@
+"""Stable-Baselines3 PPO policy → the pickle-free policy file that ``controller`` loads.
+
+The exported network is SB3's deterministic actor: ``mlp_extractor.policy_net`` then ``action_net``,
+clipped to the Box[-1, 1] action bounds — exactly ``PPO.predict(obs, deterministic=True)``.
+
+Reading an SB3 ``.zip`` here never unpickles anything: the weights come from its ``policy.pth``
+through ``torch.load(..., weights_only=True)`` and the activation from the plain-text fields of its
+JSON ``data`` entry. (``PPO.load`` would run the cloudpickled objects a zip carries.)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from controller.actions import ActionConfig
+from controller.checkpoint import save_policy
+from controller.features import N_FEATURES
+from controller.policy import ACTIVATIONS, PolicyNet
+
+_ACTIVATION_NAMES = {cls.__name__: name for name, cls in ACTIVATIONS.items()}
+
+
+def policy_from_state_dict(state: dict[str, torch.Tensor], activation: str) -> PolicyNet:
+    """Build a :class:`PolicyNet` from an SB3 ``ActorCriticPolicy`` state dict."""
+    layers = sorted(
+        {int(m.group(1)) for k in state if (m := re.fullmatch(r"mlp_extractor\.policy_net\.(\d+)\.weight", k))}
+    )
+    if "action_net.weight" not in state:
+        raise ValueError("not an SB3 actor-critic policy: no 'action_net.weight' in its weights")
+    hidden = [int(state[f"mlp_extractor.policy_net.{i}.weight"].shape[0]) for i in layers]
+    n_in = int(state[f"mlp_extractor.policy_net.{layers[0]}.weight"].shape[1]) if layers else int(
+        state["action_net.weight"].shape[1])
+    if n_in != N_FEATURES:
+        raise ValueError(f"the policy takes {n_in} observations; this library's features have {N_FEATURES}")
+    if tuple(state["action_net.weight"].shape) != (1, hidden[-1] if hidden else n_in):
+        raise ValueError(f"action_net has shape {tuple(state['action_net.weight'].shape)}; expected a 1-D action")
+    net = PolicyNet(n_in, hidden, activation)
+    mine: dict[str, torch.Tensor] = {"obs_mean": net.obs_mean, "obs_std": net.obs_std}
+    for j, i in enumerate(layers):
+        mine[f"mlp.{2 * j}.weight"] = state[f"mlp_extractor.policy_net.{i}.weight"]
+        mine[f"mlp.{2 * j}.bias"] = state[f"mlp_extractor.policy_net.{i}.bias"]
+    mine["action_net.weight"] = state["action_net.weight"]
+    mine["action_net.bias"] = state["action_net.bias"]
+    net.load_state_dict({k: v.detach().float().cpu() for k, v in mine.items()})
+    return net.eval()
+
+
+def policy_from_sb3(policy: nn.Module) -> PolicyNet:
+    """A live SB3 ``ActorCriticPolicy`` (e.g. ``model.policy``) → :class:`PolicyNet`."""
+    act = type(policy.activation_fn).__name__ if isinstance(policy.activation_fn, nn.Module) else \
+        policy.activation_fn.__name__  # type: ignore[union-attr]
+    if act not in _ACTIVATION_NAMES:
+        raise ValueError(f"activation {act} is not supported by PolicyNet ({sorted(_ACTIVATION_NAMES)})")
+    return policy_from_state_dict(policy.state_dict(), _ACTIVATION_NAMES[act])
+
+
+def read_sb3_zip(path: str | Path) -> PolicyNet:
+    """Read the actor of an SB3 PPO ``.zip`` without unpickling anything.
+
+    Raises:
+        ValueError: the file is not an SB3 zip with an actor-critic policy for these features.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist or is not a file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            if not {"policy.pth", "data"} <= names:
+                raise ValueError(f"{path} is a zip but not a Stable-Baselines3 model (no policy.pth/data entries)")
+            data = json.loads(archive.read("data"))
+            state = torch.load(io.BytesIO(archive.read("policy.pth")), map_location="cpu", weights_only=True)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path} is not a zip archive (expected an SB3 .zip or a training run directory)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: its 'data' entry is not valid JSON ({err})") from None
+    except (RuntimeError, EOFError, OSError) as err:  # weights_only refusals and corrupt tensors land here
+        raise ValueError(f"{path}: cannot read policy.pth safely ({err})") from None
+    act_text = str((data.get("policy_kwargs") or {}).get("activation_fn", "<class 'torch.nn.modules.activation.Tanh'>"))
+    match = re.search(r"\.(\w+)'>$", act_text)
+    act = match.group(1) if match else ""
+    if act not in _ACTIVATION_NAMES:
+        raise ValueError(f"{path}: activation {act_text!r} is not supported ({sorted(_ACTIVATION_NAMES)})")
+    return policy_from_state_dict(state, _ACTIVATION_NAMES[act])
+
+
+def export_policy(
+    net: PolicyNet,
+    out: str | Path,
+    *,
+    action_config: ActionConfig = ActionConfig(),
+    training: dict[str, Any] | None = None,
+    description: str = "",
+) -> Path:
+    """Write ``net`` as a policy file (``controller.save_policy``) with training provenance."""
+    return save_policy(out, net, action_config=action_config, training=training, description=description)

@@ -1,0 +1,286 @@
+"""train_controller.py against real parts: SB3 PPO, a real MLflow server on loopback, subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import train_controller as tc
+from controller import FEATURE_NAMES, load_policy
+from envs import EnvConfig, LRControlEnv
+from envs.export import policy_from_sb3, read_sb3_zip
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(
+    timesteps=128, n_envs=1, n_steps=64, batch_size=32, n_epochs=2, net_arch=(16,), checkpoint_every=64,
+    eval_every=0, eval_seeds=1, families=("breast_cancer_mlp", "friedman_mlp"), eval_families=("diabetes_mlp",),
+)
+TINY_CLI = ["--n-envs", "1", "--n-steps", "64", "--batch-size", "32", "--n-epochs", "2", "--net-arch", "16",
+            "--families", "breast_cancer_mlp,friedman_mlp", "--eval-families", "diabetes_mlp", "--eval-every", "0",
+            "--no-progress"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` (sqlite backend, proxied artifacts) on a free loopback port."""
+
+    def __init__(self, root: Path) -> None:
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        root.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", "127.0.0.1", "--port",
+             str(self.port), "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+             "--artifacts-destination", str(root / "artifacts")],
+            stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    yield server
+    server.stop()
+
+
+def check_run(uri: str, out: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    state = json.loads((out / "state.json").read_text())
+    client = MlflowClient(uri)
+    run = client.get_run(state["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["timesteps"] == "128"
+    assert run.data.params["families"] == "breast_cancer_mlp,friedman_mlp"
+    assert run.data.tags["git_commit"] != ""
+    for key in ("rollout/ep_rew_mean", "time/fps", "val/ratio_vs_cosine", "val/diverged", "time/env_steps_per_s"):
+        assert key in run.data.metrics, (key, sorted(run.data.metrics))
+    assert any(k.startswith("train/") for k in run.data.metrics)
+    history = client.get_metric_history(run.info.run_id, "rollout/ep_rew_mean")
+    assert [m.step for m in history] == sorted(m.step for m in history) and history[-1].step <= 128
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "policy")}
+    assert "policy/policy.safetensors" in artifacts
+    local = client.download_artifacts(run.info.run_id, "policy/policy.safetensors", str(out / "downloaded"))
+    net = load_policy(local)
+    assert net.metadata["feature_names"] == list(FEATURE_NAMES)
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/validation_trajectories.png"}
+    versions = client.search_model_versions("name='lrcontrol-policy'")
+    assert any(v.run_id == run.info.run_id for v in versions)
+
+
+def test_train_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
+    cfg = tc.TrainConfig(**TINY, out=str(tmp_path / "run"), tracking_uri=mlflow_server.uri, experiment="server-test")
+    policy_path = tc.train(cfg, show_progress=False)
+    assert policy_path == tmp_path / "run" / "policy.safetensors" and policy_path.exists()
+    check_run(mlflow_server.uri, tmp_path / "run")
+    assert not (tmp_path / "run" / tc.UNLOGGED_FILE).exists()
+
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    model = mlflow.pyfunc.load_model("models:/lrcontrol-policy/latest")
+    obs = np.random.default_rng(0).uniform(-2, 2, (5, len(FEATURE_NAMES))).astype(np.float32)
+    factors = np.asarray(model.predict(obs))
+    expected = 2.0 ** load_policy(policy_path)(torch.as_tensor(obs)).detach().numpy()[:, 0]
+    np.testing.assert_allclose(factors, expected, rtol=1e-6)
+
+
+def test_train_logs_to_the_default_embedded_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tc.TrainConfig(**TINY, out="run")
+    tc.train(cfg, show_progress=False)
+    assert (tmp_path / "mlflow.db").exists()
+    check_run(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run")
+
+
+def _train_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "train_controller.py"), "train", *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_kill_and_resume_continues_steps_and_mlflow_run(tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY_CLI, "--timesteps", "384", "--checkpoint-every", "64", "--out", str(out)]
+    proc = _train_cli(args, tmp_path)
+    state_path = out / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state_path.exists() and json.loads(state_path.read_text()).get("checkpoint"):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, f"finished before the kill: {proc.stdout.read()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_state = json.loads(state_path.read_text())
+    assert 64 <= killed_state["num_timesteps"] < 384
+
+    resumed = _train_cli(["--resume", "--timesteps", "384", "--out", str(out), "--no-progress"], tmp_path)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output
+    state = json.loads(state_path.read_text())
+    assert state["num_timesteps"] == 384
+    assert state["mlflow_run_id"] == killed_state["mlflow_run_id"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("lrcontrol").experiment_id])
+    assert [r.info.run_id for r in runs] == [state["mlflow_run_id"]]
+    steps = [m.step for m in client.get_metric_history(state["mlflow_run_id"], "time/total_timesteps")]
+    assert steps == sorted(set(steps)) and steps[-1] == 384, steps  # continued, never restarted from 0
+    assert client.get_run(state["mlflow_run_id"]).data.params["timesteps"] == "384"
+    assert (out / "policy.safetensors").exists()
+
+
+def test_unreachable_server_is_reported_before_any_work(tmp_path):
+    port = free_port()
+    result = CliRunner().invoke(tc.cli, ["train", "--timesteps", "64", "--out", str(tmp_path / "run"),
+                                         "--tracking-uri", f"http://127.0.0.1:{port}"])
+    assert result.exit_code != 0
+    assert f"cannot reach the MLflow tracking server at http://127.0.0.1:{port}" in result.output
+    assert not (tmp_path / "run" / "state.json").exists()
+
+
+def test_server_dropping_mid_run_keeps_training_and_says_what_was_lost(tmp_path):
+    server = MlflowServer(tmp_path / "server")
+    out = tmp_path / "run"
+    try:
+        proc = _train_cli([*TINY_CLI, "--timesteps", "320", "--checkpoint-every", "64", "--out", str(out),
+                           "--tracking-uri", server.uri], tmp_path)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "state.json").exists() and json.loads((out / "state.json").read_text()).get("checkpoint"):
+                break
+            time.sleep(0.2)
+    finally:
+        server.stop()
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output
+    assert "MLflow did not receive" in output and "metrics" in output
+    assert json.loads((out / "state.json").read_text())["num_timesteps"] == 320
+    assert (out / "policy.safetensors").exists()
+    lines = (out / tc.UNLOGGED_FILE).read_text().splitlines()
+    assert any(json.loads(line)["what"] == "metrics" for line in lines)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--timesteps", "-5"], "-5 is not in the range x>=1"),
+        (["--families", "digits_mlp,not_a_family"], "unknown task family 'not_a_family'"),
+        (["--families", "digits_cnn"], "validation families never train a policy"),
+        (["--net-arch", "16,x"], "expected comma-separated layer sizes"),
+        (["--batch-size", "4096", "--n-steps", "64", "--n-envs", "1"], "exceeds the rollout size"),
+    ],
+)
+def test_bad_cli_input_fails_before_work(tmp_path, args, message):
+    result = CliRunner().invoke(tc.cli, ["train", "--out", str(tmp_path / "run"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_output_dir_fails_before_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = CliRunner().invoke(tc.cli, ["train", "--timesteps", "64", "--out", str(blocker / "run")])
+    assert result.exit_code != 0
+    assert "is not writable" in result.output
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "state.json").write_text("{}")
+    result = CliRunner().invoke(tc.cli, ["train", "--timesteps", "64", "--out", str(out)])
+    assert result.exit_code != 0 and "already holds a run" in result.output
+    assert (out / "state.json").read_text() == "{}"
+
+
+def test_export_matches_sb3_predict(tmp_path):
+    from stable_baselines3 import PPO
+
+    env = LRControlEnv(EnvConfig(families=("breast_cancer_mlp",)))
+    model = PPO("MlpPolicy", env, n_steps=32, batch_size=16, n_epochs=1, seed=0,
+                policy_kwargs={"net_arch": {"pi": [16, 16], "vf": [16]}, "activation_fn": torch.nn.Tanh})
+    model.learn(64)
+    with torch.no_grad():  # SB3 initialises action_net near 0; spread the outputs over the clip range
+        model.policy.action_net.weight.copy_(torch.linspace(-3, 3, 16).reshape(1, 16))
+    obs = np.random.default_rng(0).uniform(-5, 5, (2000, len(FEATURE_NAMES))).astype(np.float32)
+    expected, _ = model.predict(obs, deterministic=True)
+    live = policy_from_sb3(model.policy)
+    model.save(tmp_path / "model.zip")
+    from_zip = read_sb3_zip(tmp_path / "model.zip")
+    result = CliRunner().invoke(tc.cli, ["export", str(tmp_path / "model.zip"), str(tmp_path / "policy.safetensors")])
+    assert result.exit_code == 0, result.output
+    from_file = load_policy(tmp_path / "policy.safetensors")
+    for net in (live, from_zip, from_file):
+        got = net(torch.as_tensor(obs)).detach().numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert np.abs(expected).max() == 1.0 and np.abs(expected).min() < 0.5  # clipped and unclipped outputs
+
+
+def test_export_refuses_corrupt_and_foreign_files(tmp_path):
+    runner = CliRunner()
+    garbage = tmp_path / "garbage.zip"
+    garbage.write_bytes(b"this is not a zip")
+    result = runner.invoke(tc.cli, ["export", str(garbage), str(tmp_path / "p.safetensors")])
+    assert result.exit_code != 0 and "is not a zip archive" in result.output
+    import zipfile
+
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as z:
+        z.writestr("hello.txt", "hi")
+    result = runner.invoke(tc.cli, ["export", str(other), str(tmp_path / "p.safetensors")])
+    assert result.exit_code != 0 and "not a Stable-Baselines3 model" in result.output
+    result = runner.invoke(tc.cli, ["export", str(tmp_path), str(tmp_path / "p.safetensors")])
+    assert result.exit_code != 0 and "not a training run directory" in result.output
+    assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_help_explains_every_option_with_defaults():
+    runner = CliRunner()
+    for command in ("train", "export", "evaluate"):
+        result = runner.invoke(tc.cli, [command, "--help"])
+        assert result.exit_code == 0
+    text = runner.invoke(tc.cli, ["train", "--help"]).output
+    for option in ("--timesteps", "--n-envs", "--seed", "--families", "--out", "--tracking-uri", "--experiment",
+                   "--resume", "--n-steps", "--batch-size", "--learning-rate", "--net-arch"):
+        assert option in text
+    assert "default: 150000" in text

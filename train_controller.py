@@ -1,0 +1,720 @@
+"""Train, export and evaluate the learned LR controller.
+
+    python train_controller.py train                  # PPO over the train families, tracked in MLflow
+    python train_controller.py export RUN_DIR policy.safetensors
+    python train_controller.py evaluate               # the shipped policy vs standard schedules
+
+``train`` runs Stable-Baselines3 PPO on ``LRControl-v0`` over the train task families, evaluates the
+deterministic policy on the validation families every ``--eval-every`` env steps (final validation
+loss relative to cosine annealing from the same initial LR: below 1 means better than what a user
+would do anyway), checkpoints every ``--checkpoint-every`` env steps (``--resume`` continues the
+step counter and the MLflow run), and ends by exporting the best policy to ``OUT/policy.safetensors``.
+Every run is tracked in MLflow: a local sqlite store (``./mlflow.db``) unless ``--tracking-uri``
+names a server.
+
+This file reads top to bottom: the config, MLflow tracking, the training loop with its callback,
+``train(cfg)``, ``evaluate(...)``, then the thin click layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# A tracking server that stops answering must cost seconds, not MLflow's default ~4 minutes of retries.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+import click  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from stable_baselines3 import PPO  # noqa: E402
+from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
+from stable_baselines3.common.logger import KVWriter, Logger  # noqa: E402
+from stable_baselines3.common.monitor import Monitor  # noqa: E402
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from controller.actions import ActionConfig  # noqa: E402
+from controller.checkpoint import default_policy_path, load_policy  # noqa: E402
+from controller.features import FEATURE_NAMES  # noqa: E402
+from controller.policy import PolicyNet  # noqa: E402
+from envs import TRAIN_FAMILIES, VALIDATION_FAMILIES, EnvConfig, LRControlEnv, get_family  # noqa: E402
+from envs.evaluation import (  # noqa: E402
+    BASELINES,
+    MULTIPLIERS,
+    Evaluation,
+    RunRecord,
+    evaluate_policy,
+    evaluation_tasks,
+    geomean,
+    make_pool,
+    n_jobs,
+    ratio_to,
+    run_jobs,
+)
+from envs.export import export_policy, policy_from_sb3, read_sb3_zip  # noqa: E402
+
+STATE_FILE = "state.json"
+CHECKPOINT_DIR = "checkpoints"
+POLICY_FILE = "policy.safetensors"
+BEST_POLICY_FILE = "best_policy.safetensors"
+UNLOGGED_FILE = "unlogged_metrics.jsonl"
+
+
+# ==================================================================================================
+# Config
+# ==================================================================================================
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (logged as MLflow params; RNG state is not part of it)."""
+
+    timesteps: int = 150_000
+    """Total PPO env steps (one step = one inner epoch)."""
+    n_envs: int = 2
+    """Parallel environments (SubprocVecEnv when > 1)."""
+    seed: int = 0
+    """Seed of PPO and of the environments' task draws."""
+    families: tuple[str, ...] = TRAIN_FAMILIES
+    """Task families episodes are drawn from."""
+    out: str = "runs/default"
+    """Output directory: checkpoints, state, exported policies."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI; None: sqlite:///<cwd>/mlflow.db."""
+    experiment: str = "lrcontrol"
+    """MLflow experiment name."""
+    n_steps: int = 512
+    """PPO rollout length per env."""
+    batch_size: int = 128
+    """PPO minibatch size."""
+    learning_rate: float = 3e-4
+    """PPO Adam learning rate."""
+    n_epochs: int = 10
+    """PPO epochs per rollout."""
+    gamma: float = 0.99
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    ent_coef: float = 0.0
+    """Entropy bonus."""
+    net_arch: tuple[int, ...] = (64, 64)
+    """Hidden layers of the policy and value networks."""
+    checkpoint_every: int = 10_000
+    """Env steps between checkpoints (a SIGKILL loses at most this much)."""
+    eval_every: int = 25_000
+    """Env steps between validation evaluations (0: only at the end)."""
+    eval_seeds: int = 1
+    """Tasks per validation family and LR multiplier in each evaluation."""
+    eval_families: tuple[str, ...] = VALIDATION_FAMILIES
+    """Families of the periodic evaluation (never trained on)."""
+    device: str = "cpu"
+    """Device of the inner training runs ("auto": CUDA when available)."""
+    registered_model: str = "lrcontrol-policy"
+    """MLflow registered-model name of the exported policy ("" to skip registration)."""
+
+    def __post_init__(self) -> None:
+        if self.timesteps <= 0:
+            raise ValueError(f"timesteps must be positive, got {self.timesteps}")
+        if self.n_envs <= 0:
+            raise ValueError(f"n_envs must be positive, got {self.n_envs}")
+        for name in (*self.families, *self.eval_families):
+            get_family(name)
+        leaked = set(self.families) & set(VALIDATION_FAMILIES)
+        if leaked:
+            raise ValueError(f"validation families never train a policy; remove {sorted(leaked)} from families")
+        if self.batch_size > self.n_steps * self.n_envs:
+            raise ValueError(f"batch_size {self.batch_size} exceeds the rollout size n_steps*n_envs = "
+                             f"{self.n_steps * self.n_envs}")
+        for name in ("checkpoint_every", "eval_every", "n_steps", "batch_size", "n_epochs", "eval_seeds"):
+            if getattr(self, name) < 0 or (name != "eval_every" and getattr(self, name) == 0):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def params(self) -> dict[str, str]:
+        """Flat string params for MLflow."""
+        return {k: (",".join(map(str, v)) if isinstance(v, tuple) else str(v)) for k, v in dataclasses.asdict(self).items()}
+
+
+def defaults() -> TrainConfig:
+    return TrainConfig()
+
+
+# ==================================================================================================
+# MLflow tracking that never stops training
+# ==================================================================================================
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """None → the embedded sqlite store ``sqlite:///<cwd>/mlflow.db`` (MLflow 3's default)."""
+    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def probe_tracking_server(uri: str, timeout: float = 3.0) -> None:
+    """Raise ``click.ClickException`` within ``timeout`` seconds if an http(s) server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status != 200:
+                raise OSError(f"HTTP {response.status}")
+    except (OSError, urllib.error.URLError) as err:
+        raise click.ClickException(
+            f"cannot reach the MLflow tracking server at {uri} ({err}). Start it (e.g. `mlflow server --host "
+            "127.0.0.1 --port 5000`) or leave out --tracking-uri to log to the local sqlite store."
+        ) from None
+
+
+class Tracker:
+    """MLflow logging that survives a tracking server going away.
+
+    Every call is guarded: on failure the values are appended to ``OUT/unlogged_metrics.jsonl`` (so
+    nothing is lost), the server is left alone for ``retry_after`` seconds, and :meth:`summary`
+    reports what did not reach MLflow.
+    """
+
+    def __init__(self, out: Path, retry_after: float = 30.0) -> None:
+        self.out, self.retry_after = out, retry_after
+        self.failed: dict[str, int] = {}
+        self.first_error: str | None = None
+        self._down_until = 0.0
+
+    def _guard(self, what: str, fn: Any, record: dict[str, Any] | None = None) -> Any:
+        if time.monotonic() >= self._down_until:
+            try:
+                return fn()
+            except Exception as err:  # noqa: BLE001 - any tracking failure must not stop training
+                self.first_error = self.first_error or f"{type(err).__name__}: {err}"[:300]
+                self._down_until = time.monotonic() + self.retry_after
+        self.failed[what] = self.failed.get(what, 0) + 1
+        with open(self.out / UNLOGGED_FILE, "a") as f:
+            f.write(json.dumps({"what": what, "time": time.time(), **(record or {})}, default=str) + "\n")
+        return None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        if clean:
+            self._guard("metrics", lambda: mlflow.log_metrics(clean, step=step), {"step": step, "metrics": clean})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._guard(f"artifact {path.name}", lambda: mlflow.log_artifact(str(path), artifact_path), {"path": str(path)})
+
+    def call(self, what: str, fn: Any) -> Any:
+        return self._guard(what, fn)
+
+    def summary(self) -> str | None:
+        if not self.failed:
+            return None
+        parts = ", ".join(f"{n}× {what}" for what, n in sorted(self.failed.items()))
+        return (f"MLflow did not receive: {parts} (first error: {self.first_error}). "
+                f"The values are kept in {self.out / UNLOGGED_FILE}; checkpoints and policies are in {self.out}.")
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ==================================================================================================
+# Validation during training
+# ==================================================================================================
+
+
+class Validator:
+    """Scores a policy on the validation families against cosine annealing from the same initial LR.
+
+    Score: geometric mean over tasks of (policy's final val loss ÷ cosine's), ratios capped at 10 and
+    divergence counted as 10. Below 1: better than cosine. Cosine runs are computed once and cached.
+    """
+
+    def __init__(self, cfg: TrainConfig, pool: Any = None) -> None:
+        self.cfg, self.pool = cfg, pool
+        self.tasks = [(family, i, m, task) for family in cfg.eval_families for m in MULTIPLIERS
+                      for i, task in enumerate(evaluation_tasks(family, cfg.eval_seeds, m))]
+        self._cosine: list[RunRecord] | None = None
+
+    def __call__(self, net: PolicyNet) -> tuple[float, dict[str, float], list[RunRecord], list[RunRecord]]:
+        device = self.cfg.device
+        if self._cosine is None:
+            self._cosine = run_jobs([(t, "cosine", None, i, m, device) for f, i, m, t in self.tasks], self.pool)
+        policy = run_jobs([(t, "policy", net, i, m, device) for f, i, m, t in self.tasks], self.pool)
+        ratios = [ratio_to(p.final_val, c.final_val) for p, c in zip(policy, self._cosine)]
+        metrics = {"val/ratio_vs_cosine": geomean(ratios)}
+        for m in MULTIPLIERS:
+            metrics[f"val/ratio_vs_cosine_x{m:g}"] = geomean(r for r, p in zip(ratios, policy) if p.multiplier == m)
+        for family in self.cfg.eval_families:
+            metrics[f"val/{family}"] = geomean(r for r, p in zip(ratios, policy) if p.family == family)
+        metrics["val/diverged"] = float(sum(p.diverged for p in policy))
+        return metrics["val/ratio_vs_cosine"], metrics, policy, self._cosine
+
+
+def plot_trajectories(policy: list[RunRecord], reference: list[RunRecord], path: Path, reference_name: str) -> Path:
+    """PNG: per validation family, LR (top) and validation loss (bottom) per epoch, policy vs reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = sorted({r.family for r in policy})
+    fig, axes = plt.subplots(2, len(families), figsize=(3.2 * len(families), 5.5), squeeze=False)
+    colors = {0.1: "tab:blue", 1.0: "tab:green", 10.0: "tab:red"}
+    for col, family in enumerate(families):
+        for recs, style, name in ((policy, "-", "policy"), (reference, ":", reference_name)):
+            for r in recs:
+                if r.family != family or r.seed != 0:
+                    continue
+                c = colors.get(r.multiplier, "k")
+                epochs = np.arange(1, len(r.lrs) + 1)
+                axes[0, col].plot(epochs, r.lrs, style, color=c, label=f"{name} ×{r.multiplier:g}")
+                axes[1, col].plot(epochs, r.val_losses, style, color=c)
+        axes[0, col].set_yscale("log")
+        axes[1, col].set_yscale("log")
+        axes[0, col].set_title(family, fontsize=9)
+        axes[1, col].set_xlabel("epoch")
+    axes[0, 0].set_ylabel("learning rate")
+    axes[1, 0].set_ylabel("validation loss")
+    axes[0, 0].legend(fontsize=6)
+    fig.suptitle(f"solid: policy, dotted: {reference_name}; colour: initial LR × family default", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# ==================================================================================================
+# Training
+# ==================================================================================================
+
+
+def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def make_vec_env(cfg: TrainConfig) -> VecEnv:
+    """``cfg.n_envs`` monitored LRControl-v0 envs (subprocesses when more than one)."""
+    env_config = EnvConfig(families=cfg.families, device=cfg.device)
+    fns = [lambda: Monitor(LRControlEnv(env_config)) for _ in range(cfg.n_envs)]
+    if cfg.n_envs == 1:
+        return DummyVecEnv(fns)
+    return SubprocVecEnv(fns, start_method="forkserver")
+
+
+class MLflowWriter(KVWriter):
+    """SB3 logger output (episode return/length, PPO losses, fps) → one ``mlflow.log_metrics`` per iteration."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+
+    def write(self, key_values: dict[str, Any], key_excluded: dict[str, Any], step: int = 0) -> None:
+        metrics = {k: v for k, v in key_values.items()
+                   if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)}
+        self.tracker.log_metrics(metrics, step)
+
+    def close(self) -> None:
+        pass
+
+
+class TrainingCallback(BaseCallback):
+    """Progress bar, periodic checkpoints and periodic validation."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, state: dict[str, Any], tracker: Tracker,
+                 validator: Validator, show_progress: bool) -> None:
+        super().__init__()
+        self.cfg, self.out, self.state, self.tracker, self.validator = cfg, out, state, tracker, validator
+        self.show_progress = show_progress
+        self.next_checkpoint = (state["num_timesteps"] // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+        every = cfg.eval_every or math.inf
+        self.next_eval = (state["num_timesteps"] // every + 1) * every if cfg.eval_every else math.inf
+        self.bar: Any = None
+        self._t0 = self._rollout_t0 = time.monotonic()
+        self._steps0 = self._rollout_steps0 = state["num_timesteps"]
+
+    def _on_training_start(self) -> None:
+        self.bar = tqdm(total=self.cfg.timesteps, initial=self.state["num_timesteps"], unit="step",
+                        dynamic_ncols=True, disable=not self.show_progress, desc="PPO")
+
+    def _on_step(self) -> bool:
+        n = self.model.num_timesteps
+        if self.bar is not None:
+            self.bar.update(n - self.bar.n)
+            if n % (self.cfg.n_envs * 16) == 0:
+                now = time.monotonic()
+                sps = (n - self._steps0) / max(now - self._t0, 1e-9)
+                self._t0, self._steps0 = now, n  # rate over the last window, not since start-up
+                buf = self.model.ep_info_buffer
+                ret = np.mean([e["r"] for e in buf]) if buf else float("nan")
+                self.bar.set_postfix(steps_per_s=f"{sps:.0f}", ep_return=f"{ret:.3f}", refresh=False)
+        if n >= self.next_eval:
+            self.next_eval += self.cfg.eval_every
+            self.validate()
+        if n >= self.next_checkpoint:
+            self.next_checkpoint += self.cfg.checkpoint_every
+            self.checkpoint()
+        return True
+
+    def _on_rollout_start(self) -> None:
+        self._rollout_t0, self._rollout_steps0 = time.monotonic(), self.model.num_timesteps
+
+    def _on_rollout_end(self) -> None:
+        sps = (self.model.num_timesteps - self._rollout_steps0) / max(time.monotonic() - self._rollout_t0, 1e-9)
+        self.tracker.log_metrics({"time/env_steps_per_s": sps}, self.model.num_timesteps)
+
+    def _on_training_end(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def validate(self) -> float:
+        n = self.model.num_timesteps
+        net = policy_from_sb3(self.model.policy)
+        score, metrics, policy_runs, cosine_runs = self.validator(net)
+        self.tracker.log_metrics(metrics, n)
+        self.state["evals"].append({"step": n, **metrics})
+        if score < self.state["best_score"]:
+            self.state.update(best_score=score, best_step=n)
+            save_exported(net, self.out / BEST_POLICY_FILE, self.cfg, n, score)
+            self.state["best_runs"] = [dataclasses.asdict(r) for r in policy_runs]
+        if self.bar is not None:
+            self.bar.write(f"[{n} steps] validation ratio vs cosine {score:.3f} "
+                           f"(best {self.state['best_score']:.3f} at {self.state['best_step']})")
+        _atomic_write_json(self.out / STATE_FILE, self.state)
+        return score
+
+    def checkpoint(self) -> None:
+        n = self.model.num_timesteps
+        ckpt_dir = self.out / CHECKPOINT_DIR
+        ckpt_dir.mkdir(exist_ok=True)
+        path = ckpt_dir / f"step_{n:09d}.zip"
+        tmp = ckpt_dir / f".tmp_{n}.zip"
+        self.model.save(tmp)
+        os.replace(tmp, path)
+        self.state.update(num_timesteps=n, checkpoint=path.name)
+        _atomic_write_json(self.out / STATE_FILE, self.state)
+        for old in sorted(ckpt_dir.glob("step_*.zip"))[:-2]:  # keep the last two
+            old.unlink()
+
+
+
+def save_exported(net: PolicyNet, path: Path, cfg: TrainConfig, step: int, score: float | None) -> Path:
+    training = {"command": "python train_controller.py train", "config": cfg.params(), "timesteps": step,
+                "validation_ratio_vs_cosine": score, "git_commit": _git_commit()}
+    return export_policy(net, path, action_config=EnvConfig().action, training=training,
+                         description=f"PPO policy after {step} env steps on families {', '.join(cfg.families)}")
+
+
+def _check_out_dir(out: Path, resume: bool) -> dict[str, Any] | None:
+    """Validate OUT before any work; return the saved state when resuming."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise click.ClickException(f"output directory {out} is not writable: {err}") from None
+    state_path = out / STATE_FILE
+    if resume:
+        if not state_path.exists():
+            raise click.ClickException(f"--resume: no run to resume in {out} (no {STATE_FILE})")
+        return json.loads(state_path.read_text())
+    if state_path.exists():
+        raise click.ClickException(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    return None
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True) -> Path:
+    """Train a controller; returns the path of the exported policy (``OUT/policy.safetensors``)."""
+    out = Path(cfg.out)
+    saved = _check_out_dir(out, resume)
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    probe_tracking_server(uri)
+    torch.set_num_threads(1)
+
+    mlflow.set_tracking_uri(uri)
+    tracker = Tracker(out)
+    if saved is not None:
+        state = saved
+        run = mlflow.start_run(run_id=state["mlflow_run_id"])
+    else:
+        mlflow.set_experiment(cfg.experiment)
+        run = mlflow.start_run()
+        state = {"mlflow_run_id": run.info.run_id, "tracking_uri": uri, "num_timesteps": 0, "checkpoint": None,
+                 "best_score": math.inf, "best_step": None, "evals": [], "config": dataclasses.asdict(cfg)}
+        tracker.call("params", lambda: mlflow.log_params(cfg.params()))
+        tracker.call("tags", lambda: mlflow.set_tags({"git_commit": _git_commit(), "command": " ".join(sys.argv)}))
+        _atomic_write_json(out / STATE_FILE, state)
+
+    vec_env = make_vec_env(cfg)
+    pool = make_pool(workers=max(1, min(os.cpu_count() or 1, 4)))
+    try:
+        model = PPO(
+            "MlpPolicy", vec_env, n_steps=cfg.n_steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+            n_epochs=cfg.n_epochs, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, ent_coef=cfg.ent_coef,
+            policy_kwargs={"net_arch": {"pi": list(cfg.net_arch), "vf": list(cfg.net_arch)},
+                           "activation_fn": torch.nn.Tanh},
+            seed=cfg.seed, device="cpu", verbose=0,
+        )
+        if state.get("checkpoint"):
+            # pickle-free: weights and optimizer state only (torch.load with weights_only=True)
+            model.set_parameters(str(out / CHECKPOINT_DIR / state["checkpoint"]), exact_match=True)
+            model.num_timesteps = state["num_timesteps"]
+        # PPO seeded the envs with cfg.seed; a resumed run draws fresh tasks instead of replaying them.
+        vec_env.seed(cfg.seed + 7919 * state["num_timesteps"])
+        model.set_logger(Logger(folder=None, output_formats=[MLflowWriter(tracker)]))
+        validator = Validator(cfg, pool)
+        callback = TrainingCallback(cfg, out, state, tracker, validator, show_progress)
+        remaining = cfg.timesteps - state["num_timesteps"]
+        if remaining > 0:
+            model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=False)
+        if not state["evals"] or state["evals"][-1]["step"] != model.num_timesteps:
+            callback.init_callback(model)
+            callback.validate()
+        callback.checkpoint()
+
+        policy_path = out / POLICY_FILE
+        shutil.copyfile(out / BEST_POLICY_FILE, policy_path)
+        best_runs = [RunRecord(**r) for r in state["best_runs"]]
+        png = plot_trajectories(best_runs, validator._cosine or [], out / "validation_trajectories.png", "cosine")
+        tracker.log_artifact(policy_path, "policy")
+        tracker.log_artifact(png, "plots")
+        tracker.log_metrics({"best/val_ratio_vs_cosine": state["best_score"], "best/step": state["best_step"]},
+                            model.num_timesteps)
+        if cfg.registered_model:
+            _log_pyfunc(tracker, policy_path, cfg.registered_model)
+        tracker.call("end_run", lambda: mlflow.end_run("FINISHED"))
+    finally:
+        vec_env.close()
+        pool.shutdown(cancel_futures=True)
+        if mlflow.active_run() is not None:
+            tracker.call("end_run", lambda: mlflow.end_run("KILLED"))
+    message = tracker.summary()
+    if message:
+        click.echo(f"warning: {message}", err=True)
+    click.echo(f"policy: {policy_path} (best validation ratio vs cosine {state['best_score']:.3f} at step "
+               f"{state['best_step']}); MLflow run {state['mlflow_run_id']} at {uri}")
+    return policy_path
+
+
+def _log_pyfunc(tracker: Tracker, policy_path: Path, name: str) -> None:
+    from mlflow.models import infer_signature
+
+    code = Path(__file__).resolve().parent / "controller" / "integrations" / "mlflow_pyfunc.py"
+    obs = np.zeros((2, len(FEATURE_NAMES)), dtype=np.float32)
+    signature = infer_signature(obs, np.ones(2))
+    warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)  # we give a signature
+    tracker.call("model", lambda: mlflow.pyfunc.log_model(
+        name="policy_model", python_model=str(code), artifacts={"policy": str(policy_path)},
+        code_paths=[str(Path(__file__).resolve().parent / "controller")], signature=signature, input_example=obs,
+        pip_requirements=["torch", "numpy", "safetensors", "mlflow"], registered_model_name=name,
+    ))
+
+
+# ==================================================================================================
+# Export and evaluation
+# ==================================================================================================
+
+
+def export(source: Path, out: Path) -> Path:
+    """An SB3 ``.zip`` or a training run directory → a pickle-free policy file at ``out``."""
+    if source.is_dir():
+        state_path = source / STATE_FILE
+        if not state_path.exists():
+            raise click.ClickException(f"{source} is not a training run directory (no {STATE_FILE})")
+        state = json.loads(state_path.read_text())
+        if not state.get("checkpoint"):
+            raise click.ClickException(f"{source} has no checkpoint yet")
+        zip_path = source / CHECKPOINT_DIR / state["checkpoint"]
+    else:
+        zip_path = source
+    try:
+        net = read_sb3_zip(zip_path)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    return export_policy(net, out, action_config=EnvConfig().action,
+                         training={"exported_from": str(zip_path)}, description=f"exported from {zip_path.name}")
+
+
+def format_table(ev: Evaluation) -> str:
+    """The aggregate table: geomean ratio to the oracle, mean ± std over seeds, per multiplier."""
+    lines = [f"{'schedule':10s} " + " ".join(f"{'x' + format(m, 'g'):>15s}" for m in ev.multipliers)]
+    for s in ev.schedules:
+        cells = [f"{ev.aggregate(s, m)[0]:7.3f} ± {ev.aggregate(s, m)[1]:5.3f}" for m in ev.multipliers]
+        lines.append(f"{s:10s} " + " ".join(f"{c:>15s}" for c in cells))
+    lines.append("")
+    lines.append(f"{'family':18s} {'mult':>5s} " + " ".join(f"{s:>9s}" for s in ev.schedules))
+    for f in ev.families:
+        for m in ev.multipliers:
+            lines.append(f"{f:18s} {'x' + format(m, 'g'):>5s} " +
+                         " ".join(f"{ev.aggregate(s, m, f)[0]:9.3f}" for s in ev.schedules))
+    fails = ev.failures(ev.schedules[0])
+    lines.append("")
+    lines.append(f"{ev.schedules[0]}: {fails['diverged']} divergences and {fails['blew_up']} finite blow-ups on "
+                 f"{fails['tasks']} tasks where cosine had neither")
+    return "\n".join(lines)
+
+
+def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path, tracking_uri: str | None,
+             experiment: str, workers: int, device: str = "cpu", show_progress: bool = True) -> Evaluation:
+    """Run the evaluation protocol of ``envs.evaluation`` and report it (table, JSON, PNG, MLflow)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    probe_tracking_server(uri)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise click.ClickException(f"cannot create {out}: {err}") from None
+    try:
+        net = load_policy(policy)
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from None
+    total = n_jobs(families, seeds, MULTIPLIERS, 1 + len(BASELINES))
+    with make_pool(workers) as pool, tqdm(total=total, unit="run", desc="evaluate", disable=not show_progress) as bar:
+        ev = evaluate_policy(net, families, seeds=seeds, device=device, pool=pool, progress=bar.update)
+    table = format_table(ev)
+    click.echo(table)
+    result = ev.to_dict()
+    result["policy"] = {"path": str(policy or default_policy_path()), "metadata": net.metadata}
+    (out / "evaluation.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "evaluation.txt").write_text(table + "\n")
+    best_baseline = min(BASELINES, key=lambda s: ev.aggregate(s, 1.0)[0])
+    png = plot_trajectories([r for r in ev.records if r.schedule == "policy"],
+                            [r for r in ev.records if r.schedule == best_baseline],
+                            out / "evaluation_trajectories.png", best_baseline)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    tracker = Tracker(out)
+    with mlflow.start_run(run_name="evaluate"):
+        tracker.call("params", lambda: mlflow.log_params({"policy": str(policy or "default"), "families":
+                                                           ",".join(families), "seeds": seeds}))
+        metrics = {f"{s}/x{m:g}": ev.aggregate(s, m)[0] for s in ev.schedules for m in ev.multipliers}
+        tracker.log_metrics(metrics, 0)
+        for path in (out / "evaluation.json", out / "evaluation.txt", png):
+            tracker.log_artifact(path)
+    message = tracker.summary()
+    if message:
+        click.echo(f"warning: {message}", err=True)
+    click.echo(f"wrote {out / 'evaluation.json'}, {out / 'evaluation.txt'} and {png}")
+    return ev
+
+
+# ==================================================================================================
+# CLI
+# ==================================================================================================
+
+_D = defaults()
+
+
+def _families(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not names:
+        raise click.BadParameter("give at least one family")
+    for name in names:
+        try:
+            get_family(name)
+        except ValueError as err:
+            raise click.BadParameter(str(err)) from None
+    return names
+
+
+def _net(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated layer sizes, got {value!r}") from None
+    if not sizes or min(sizes) <= 0:
+        raise click.BadParameter(f"layer sizes must be positive integers, got {value!r}")
+    return sizes
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def cli() -> None:
+    """Train, export and evaluate the learned LR controller."""
+
+
+@cli.command("train")
+@click.option("--timesteps", type=click.IntRange(min=1), default=_D.timesteps, help="Total PPO env steps (one step = one inner epoch).")
+@click.option("--n-envs", type=click.IntRange(min=1), default=_D.n_envs, help="Parallel environments (subprocesses when > 1).")
+@click.option("--seed", type=int, default=_D.seed, help="Seed of PPO and of the task draws.")
+@click.option("--families", callback=_families, default=",".join(_D.families), help="Comma-separated train task families.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=_D.out, help="Output directory (checkpoints, state, exported policy).")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI, e.g. http://127.0.0.1:5000. Default: sqlite:///./mlflow.db (no server).")
+@click.option("--experiment", default=_D.experiment, help="MLflow experiment name.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same MLflow run, step counter continued).")
+@click.option("--n-steps", type=click.IntRange(min=1), default=_D.n_steps, help="PPO rollout length per env.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=_D.batch_size, help="PPO minibatch size.")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=_D.learning_rate, help="PPO learning rate.")
+@click.option("--n-epochs", type=click.IntRange(min=1), default=_D.n_epochs, help="PPO epochs per rollout.")
+@click.option("--ent-coef", type=click.FloatRange(min=0), default=_D.ent_coef, help="PPO entropy bonus.")
+@click.option("--net-arch", callback=_net, default=",".join(map(str, _D.net_arch)), help="Hidden layer sizes of policy and value nets.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=_D.checkpoint_every, help="Env steps between checkpoints.")
+@click.option("--eval-every", type=click.IntRange(min=0), default=_D.eval_every, help="Env steps between validation evaluations (0: only at the end).")
+@click.option("--eval-seeds", type=click.IntRange(min=1), default=_D.eval_seeds, help="Tasks per validation family and LR multiplier.")
+@click.option("--eval-families", callback=_families, default=",".join(_D.eval_families), help="Comma-separated validation families of the periodic evaluation.")
+@click.option("--device", default=_D.device, help='Device of the inner runs: cpu, cuda, or "auto".')
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def train_command(resume: bool, no_progress: bool, out: Path, **kwargs: Any) -> None:
+    """Train a controller with PPO over the train families and export the best policy to OUT/policy.safetensors."""
+    if resume:
+        state_path = out / STATE_FILE
+        if not state_path.exists():
+            raise click.ClickException(f"--resume: no run to resume in {out} (no {STATE_FILE})")
+        saved = json.loads(state_path.read_text())["config"]
+        saved["families"], saved["eval_families"] = tuple(saved["families"]), tuple(saved["eval_families"])
+        saved["net_arch"] = tuple(saved["net_arch"])
+        cfg = TrainConfig(**{**saved, "timesteps": kwargs["timesteps"], "out": str(out)})
+    else:
+        try:
+            cfg = TrainConfig(out=str(out), **kwargs)
+        except ValueError as err:
+            raise click.UsageError(str(err)) from None
+    train(cfg, resume=resume, show_progress=not no_progress)
+
+
+@cli.command("export")
+@click.argument("source", type=click.Path(exists=True, path_type=Path), metavar="RUN_DIR_OR_ZIP")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+def export_command(source: Path, out: Path) -> None:
+    """Convert an SB3 PPO .zip (or a training run's latest checkpoint) into a pickle-free policy file.
+
+    Nothing in the zip is unpickled: weights are read with torch.load(weights_only=True).
+    """
+    path = export(source, out)
+    click.echo(f"wrote {path}")
+
+
+@cli.command("evaluate")
+@click.option("--policy", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Policy file to evaluate. Default: the bundled default policy.")
+@click.option("--families", callback=_families, default=",".join(VALIDATION_FAMILIES), help="Comma-separated families to evaluate on.")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, help="Tasks per family (each at x0.1, x1 and x10 of the default LR).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/evaluation"), help="Where the table, JSON and PNG go.")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI. Default: sqlite:///./mlflow.db.")
+@click.option("--experiment", default="lrcontrol-evaluation", help="MLflow experiment name.")
+@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1, help="Parallel inner runs.")
+@click.option("--device", default="cpu", help="Device of the inner runs.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def evaluate_command(policy: Path | None, families: tuple[str, ...], seeds: int, out: Path, tracking_uri: str | None,
+                     experiment: str, workers: int, device: str, no_progress: bool) -> None:
+    """Compare a policy (run as controller.PolicyScheduler) with constant, cosine, step, OneCycle and
+    ReduceLROnPlateau schedules, scored against a per-task cosine LR grid search (the oracle)."""
+    evaluate(policy, families, seeds, out, tracking_uri, experiment, workers, device, show_progress=not no_progress)
+
+
+if __name__ == "__main__":
+    cli()
