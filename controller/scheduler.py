@@ -183,7 +183,7 @@ class PolicyScheduler(LRScheduler):
                 "train_loss": train,
                 "val_loss": val_loss,
                 "val_accuracy": accuracy,
-                "obs": [float(x) for x in obs],
+                "obs": obs.tolist(),
             }
         )
 

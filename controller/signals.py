@@ -6,8 +6,8 @@ gradients and the update-to-weight norm ratio. Everything stays on the optimizer
 :meth:`StepStatsHook.collect` reads it once per decision (one host sync per epoch).
 
 The reductions from raw per-step values to :class:`StepStats` live in :func:`summarize_grad_norms`
-and :func:`summarize_probes`, which accept batched tensors too, so that a batched inner run (many
-models in one computation) produces exactly the statistics this hook produces.
+and :func:`probe_values` (which accepts batched tensors), so that a batched inner run (many models in
+one computation) produces exactly the statistics this hook produces.
 
 Why these signals: loss and gradient norm relative to their first values cannot tell an LR that is
 too high from one that is too low. Successive gradients that point against each other
@@ -19,6 +19,7 @@ gradients (``grad_cos`` > 0) mean it creeps along one (LR too low). The update-t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,28 +67,31 @@ class StepStats:
         return cls(0, nan, nan, nan, nan, nan)
 
 
-def summarize_grad_norms(norms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean, coefficient of variation and half-to-half log trend of per-step gradient norms.
+def summarize_grad_norms(norms: Sequence[float]) -> tuple[float, float, float]:
+    """Mean, coefficient of variation and half-to-half log trend of one run's gradient norms.
+
+    Plain Python on a handful of floats: cheaper than a dozen tiny tensor ops at every decision. A
+    batched inner run calls it once per run on its rows (``tensor.tolist()``), so both agree exactly.
 
     Args:
-        norms: ``(..., steps)`` gradient norms; leading dimensions are independent runs.
+        norms: the sampled per-step gradient norms of one epoch, in step order.
 
     Returns:
-        Three tensors of shape ``(...)``: mean, cv (population std / mean) and
-        ``ln(mean(second half) / mean(first half))`` (0 when ``steps < 2``).
+        ``(mean, cv, trend)``: cv = population std / mean; trend =
+        ``ln(mean(second half) / mean(first half))`` (0 with fewer than 2 values). NaNs when empty.
     """
-    norms = norms.double()
-    steps = norms.shape[-1]
-    mean = norms.mean(-1)
-    std = norms.std(-1, correction=0)
-    cv = std / mean.clamp_min(1e-30)
-    if steps < 2:
-        trend = torch.zeros_like(mean)
-    else:
-        half = steps // 2
-        first = norms[..., :half].mean(-1).clamp_min(1e-30)
-        second = norms[..., steps - half :].mean(-1).clamp_min(1e-30)
-        trend = torch.log(second / first)
+    n = len(norms)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    mean = math.fsum(norms) / n
+    std = math.sqrt(math.fsum((x - mean) ** 2 for x in norms) / n)
+    cv = std / max(mean, 1e-30)
+    trend = 0.0
+    if n >= 2:
+        half = n // 2
+        first = max(math.fsum(norms[:half]) / half, 1e-30)
+        second = max(math.fsum(norms[n - half :]) / half, 1e-30)
+        trend = math.log(second / first)
     return mean, cv, trend
 
 
@@ -204,10 +208,11 @@ class StepStatsHook:
             self._norm_every, self._probe_every = sampling_intervals(steps)
         if not norms:
             return StepStats.empty()
-        mean, cv, trend = summarize_grad_norms(torch.stack(norms))
-        values = [mean, cv, trend]
+        host = torch.stack(norms + cos + ratios).tolist()  # the one device → host read per decision
+        mean, cv, trend = summarize_grad_norms(host[: len(norms)])
+        grad_cos, update_ratio = math.nan, math.nan
         if cos:
-            values += [torch.stack(cos).double().mean(), torch.stack(ratios).double().mean()]
-        host = torch.stack(values).tolist()  # the one device → host read per decision
-        grad_cos, update_ratio = (host[3], host[4]) if cos else (math.nan, math.nan)
-        return StepStats(steps, host[0], host[1], host[2], update_ratio, grad_cos)
+            k = len(cos)
+            grad_cos = math.fsum(host[len(norms) : len(norms) + k]) / k
+            update_ratio = math.fsum(host[len(norms) + k :]) / k
+        return StepStats(steps, mean, cv, trend, update_ratio, grad_cos)

@@ -10,7 +10,7 @@ import torch
 
 from controller.actions import ActionConfig, lr_factor, next_lr
 from controller.features import CLIP, FEATURE_NAMES, N_FEATURES, FeatureBuilder, optimizer_kind
-from controller.signals import StepStats, StepStatsHook, summarize_grad_norms
+from controller.signals import StepStats, StepStatsHook, probe_values, summarize_grad_norms
 
 EXTREMES = [0.0, 1e-30, 1e30, math.nan, math.inf, -math.inf, -1.0]
 
@@ -114,12 +114,21 @@ def test_hook_samples_sparsely_on_long_epochs():
     assert hook._norm_every == 20 and hook._probe_every == 160
 
 
-def test_summarize_is_batched():
-    norms = torch.rand(4, 9) + 0.1
-    mean, cv, trend = summarize_grad_norms(norms)
+def test_summarize_grad_norms_by_hand():
+    mean, cv, trend = summarize_grad_norms([1.0, 3.0, 2.0, 6.0])
+    assert mean == pytest.approx(3.0)
+    assert cv == pytest.approx(np.std([1, 3, 2, 6]) / 3.0)
+    assert trend == pytest.approx(math.log(4.0 / 2.0))
+    assert summarize_grad_norms([2.0])[1:] == (0.0, 0.0)
+    assert all(math.isnan(v) for v in summarize_grad_norms([]))
+
+
+def test_probe_values_are_batched():
+    g0, g1, w0, w1 = (torch.randn(4, 9, dtype=torch.float64) for _ in range(4))
+    cos, ratio = probe_values(g0, g1, w0, w1)
     for i in range(4):
-        m, c, t = summarize_grad_norms(norms[i])
-        assert torch.allclose(mean[i], m) and torch.allclose(cv[i], c) and torch.allclose(trend[i], t)
+        c, r = probe_values(g0[i], g1[i], w0[i], w1[i])
+        assert torch.allclose(cos[i], c) and torch.allclose(ratio[i], r)
 
 
 def test_action_map_and_safety_rule():

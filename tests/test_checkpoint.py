@@ -1,0 +1,123 @@
+"""The pickle-free policy file: round trip, and refusal of everything else without running it."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from controller import FEATURE_NAMES, N_FEATURES, PolicyNet, load_policy, read_metadata, save_policy
+from controller.actions import ActionConfig
+from controller.checkpoint import FORMAT_VERSION, METADATA_KEY, default_policy_path
+
+
+def make_net(seed: int = 0) -> PolicyNet:
+    torch.manual_seed(seed)
+    return PolicyNet(N_FEATURES, hidden=(16, 8), obs_mean=torch.randn(N_FEATURES), obs_std=torch.rand(N_FEATURES) + 0.5)
+
+
+def test_round_trip_keeps_outputs_and_metadata(tmp_path):
+    net = make_net()
+    cfg = ActionConfig(scale=0.5, max_ratio=32.0)
+    path = save_policy(tmp_path / "p.safetensors", net, action_config=cfg, description="test", training={"steps": 3})
+    loaded = load_policy(path)
+    obs = torch.randn(64, N_FEATURES) * 3
+    torch.testing.assert_close(loaded(obs), net(obs))
+    assert loaded.action_config == cfg
+    assert loaded.metadata["training"] == {"steps": 3}
+    assert read_metadata(path)["feature_names"] == list(FEATURE_NAMES)
+    assert path.stat().st_size < 64 * 1024
+
+
+def test_bundled_default_policy_loads():
+    net = load_policy()
+    assert net.metadata["feature_names"] == list(FEATURE_NAMES)
+    assert default_policy_path().is_file()
+
+
+class _Payload:
+    """Unpickling this runs os.system and creates a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(ValueError, match="looks like a Python pickle"):
+        load_policy(evil)
+    # torch.save writes a zip with a pickle inside: refused as a zip, never unpickled
+    torch_file = tmp_path / "evil.pt"
+    torch.save({"x": _Payload(marker)}, torch_file)
+    with pytest.raises(ValueError, match="zip archive"):
+        load_policy(torch_file)
+    assert not marker.exists()
+
+
+def test_sb3_zip_is_refused(tmp_path):
+    path = tmp_path / "model.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("data", "{}")
+        z.writestr("policy.pth", b"\x80\x02")
+    with pytest.raises(ValueError, match="Stable-Baselines3 .zip"):
+        load_policy(path)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    good = save_policy(tmp_path / "good.safetensors", make_net())
+    data = good.read_bytes()
+    for cut in (4, 100, len(data) - 10):
+        bad = tmp_path / f"cut{cut}.safetensors"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="truncated|corrupt|larger than the file"):
+            load_policy(bad)
+
+
+def _rewrite_metadata(src: Path, dst: Path, **changes) -> Path:
+    data = src.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    meta = json.loads(header["__metadata__"][METADATA_KEY])
+    meta.update(changes)
+    header["__metadata__"][METADATA_KEY] = json.dumps(meta)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    dst.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    return dst
+
+
+def test_other_features_or_newer_format_are_refused(tmp_path):
+    good = save_policy(tmp_path / "good.safetensors", make_net())
+    load_policy(_rewrite_metadata(good, tmp_path / "same.safetensors"))  # the rewrite itself is harmless
+    renamed = [*FEATURE_NAMES[:-1], "something_else"]
+    with pytest.raises(ValueError, match=r"other features.*missing \['log10_steps'\].*unknown \['something_else'\]"):
+        load_policy(_rewrite_metadata(good, tmp_path / "feat.safetensors", feature_names=renamed))
+    with pytest.raises(ValueError, match=f"format_version {FORMAT_VERSION + 1} is newer"):
+        load_policy(_rewrite_metadata(good, tmp_path / "new.safetensors", format_version=FORMAT_VERSION + 1))
+    with pytest.raises(ValueError, match="unknown action map kind"):
+        load_policy(_rewrite_metadata(good, tmp_path / "act.safetensors", action_map={"kind": "linear"}))
+
+
+def test_plain_safetensors_without_our_metadata_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match="without 'lrcontrol' metadata"):
+        load_policy(path)
+
+
+def test_missing_file_is_a_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_policy(tmp_path / "nope.safetensors")

@@ -1,0 +1,225 @@
+"""PolicyScheduler: parity with the environment, the torch scheduler contract, bad inputs."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from controller import N_FEATURES, PolicyNet, PolicyScheduler
+from envs import EnvConfig, LRControlEnv, TorchRun, get_family
+
+
+def random_policy(seed: int = 0, scale: float = 1.0) -> PolicyNet:
+    """A non-trivial policy: its actions cover [-1, 1], so the LR moves every epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    net = PolicyNet(N_FEATURES, hidden=(16,))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(scale * torch.randn(p.shape, generator=gen))
+    return net.eval()
+
+
+def task_for(family: str, optimizer: str, epochs: int = 8, seed: int = 5):
+    fam = get_family(family)
+    return replace(fam.default_task(seed=seed), optimizer=optimizer, lr=fam.default_lr(optimizer), epochs=epochs)
+
+
+def run_with_scheduler(task, net, epochs=None, **kwargs):
+    run = TorchRun(task, hook=False)
+    sched = PolicyScheduler(run.task.optimizer, total_epochs=task.epochs, policy=net, **kwargs)
+    lrs = []
+    for epoch in range(epochs or task.epochs):
+        lrs.append(run.lr)
+        train_loss = run.train_epoch()
+        val_loss, val_acc = run.evaluate("val")
+        if epoch < task.epochs - 1:
+            sched.step(val_loss, train_loss=train_loss, val_accuracy=val_acc)
+    return lrs, sched, run
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("family", ["friedman_mlp", "breast_cancer_mlp"])
+def test_scheduler_makes_the_decisions_the_env_applies(family, optimizer):
+    task = task_for(family, optimizer)
+    net = random_policy(seed=1)
+    env = LRControlEnv(EnvConfig(families=(family,)))
+    obs, info = env.reset(seed=0, options={"task": task})
+    env_lrs, env_obs, done = [info["lr"]], [obs], False
+    while not done:
+        obs, _, terminated, truncated, info = env.step(np.array([net.act(obs)], dtype=np.float32))
+        env_lrs.append(info["lr"])
+        env_obs.append(obs)
+        done = terminated or truncated
+    lrs, sched, _ = run_with_scheduler(task, net)
+    assert lrs == env_lrs
+    assert len(set(lrs)) > 3, "the policy should move the LR"
+    for h, o in zip(sched.history, env_obs):
+        np.testing.assert_array_equal(np.asarray(h["obs"], dtype=np.float32), o)
+
+
+def test_several_param_groups_keep_their_ratio():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    opt = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 1e-3},
+                             {"params": model[1].parameters(), "lr": 1e-4}])
+    sched = PolicyScheduler(opt, total_epochs=10, policy=random_policy(2))
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    seen = set()
+    for epoch in range(6):
+        for _ in range(4):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+        sched.step(loss.item() * (1 + 0.1 * epoch), train_loss=loss.item())
+        lr0, lr1 = (g["lr"] for g in opt.param_groups)
+        assert lr1 / lr0 == pytest.approx(0.1)
+        assert sched.get_last_lr() == [lr0, lr1]
+        seen.add(lr0)
+    assert len(seen) > 1
+
+
+def test_step_without_metric_leaves_lr_unchanged(tiny_mlp):
+    model, x, y = tiny_mlp
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = PolicyScheduler(opt, total_epochs=5, policy=random_policy(3))
+    for _ in range(10):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["lr"] == 0.05
+    assert sched.last_epoch == 0 and sched.history == []
+
+
+def _epoch(model, opt, x, y, gen):
+    perm = torch.randperm(len(x), generator=gen)
+    total = 0.0
+    for i in range(0, len(x), 32):
+        idx = perm[i : i + 32]
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(idx)
+    with torch.no_grad():
+        val = torch.nn.functional.cross_entropy(model(x[:64]), y[:64]).item()
+    return total / len(x), val
+
+
+def test_state_dict_round_trip_mid_run_reproduces_decisions(tiny_mlp):
+    model0, x, y = tiny_mlp
+    net = random_policy(4, scale=0.7)
+
+    def fresh():
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        model.load_state_dict(model0.state_dict())
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        return model, opt, PolicyScheduler(opt, total_epochs=8, policy=net), torch.Generator().manual_seed(0)
+
+    model, opt, sched, gen = fresh()
+    straight = []
+    for _ in range(7):
+        train, val = _epoch(model, opt, x, y, gen)
+        sched.step(val, train_loss=train)
+        straight.append(opt.param_groups[0]["lr"])
+
+    model, opt, sched, gen = fresh()
+    for _ in range(3):
+        train, val = _epoch(model, opt, x, y, gen)
+        sched.step(val, train_loss=train)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "gen": gen.get_state()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)  # what Lightning and HF do
+    model, opt, sched, gen = fresh()
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    sched.load_state_dict(saved["sched"])
+    gen.set_state(saved["gen"])
+    resumed = straight[:3]
+    for _ in range(4):
+        train, val = _epoch(model, opt, x, y, gen)
+        sched.step(val, train_loss=train)
+        resumed.append(opt.param_groups[0]["lr"])
+    assert resumed == straight
+    assert len(sched.history) == 7 and sched.last_epoch == 7
+
+
+def test_non_finite_losses_cut_the_lr_and_warn_once(tiny_mlp):
+    model, _, _ = tiny_mlp
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = PolicyScheduler(opt, total_epochs=50, policy=random_policy(5))
+    cut = sched.action_config.cut_factor
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        sched.step(float("nan"), train_loss=1.0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * cut)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched.step(1.0, train_loss=float("inf"))
+        for _ in range(40):
+            sched.step(torch.tensor(float("nan")))
+    lr = opt.param_groups[0]["lr"]
+    assert math.isfinite(lr) and lr > 0
+    assert lr == pytest.approx(0.1 * sched.action_config.min_ratio)
+    assert sched.history[0]["action"] is None and sched.history[0]["cut"]
+
+
+def test_min_and_max_lr_clamps(tiny_mlp):
+    model, _, _ = tiny_mlp
+    up = PolicyNet(N_FEATURES, hidden=(4,))
+    with torch.no_grad():
+        up.action_net.bias.fill_(5.0)  # always a=+1
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = PolicyScheduler(opt, total_epochs=10, policy=up, max_lr=0.03)
+    for epoch in range(5):
+        sched.step(1.0 - 0.01 * epoch, train_loss=1.0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.03)
+    assert [round(h["lr"], 6) for h in sched.history][:2] == [0.02, 0.03]
+    down = PolicyNet(N_FEATURES, hidden=(4,))
+    with torch.no_grad():
+        down.action_net.bias.fill_(-5.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = PolicyScheduler(opt, total_epochs=10, policy=down, min_lr=0.004)
+    for epoch in range(5):
+        sched.step(1.0, train_loss=1.0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.004)
+
+
+def test_bad_arguments_are_value_errors(tiny_mlp):
+    model, _, _ = tiny_mlp
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    net = random_policy()
+    with pytest.raises(ValueError, match="total_epochs"):
+        PolicyScheduler(opt, total_epochs=0, policy=net)
+    with pytest.raises(ValueError, match="min_lr"):
+        PolicyScheduler(opt, total_epochs=5, policy=net, min_lr=[0.0, 0.0])
+    with pytest.raises(ValueError, match="exceeds max_lr"):
+        PolicyScheduler(opt, total_epochs=5, policy=net, min_lr=0.1, max_lr=0.01)
+    with pytest.raises(TypeError, match="not an Optimizer"):
+        PolicyScheduler(model, total_epochs=5, policy=net)  # type: ignore[arg-type]
+    sched = PolicyScheduler(opt, total_epochs=5, policy=net)
+    with pytest.raises(ValueError, match="metrics must be a number"):
+        sched.step("low")
+    with pytest.raises(ValueError, match="scalar"):
+        sched.step(torch.ones(3))
+
+
+def test_default_policy_runs_in_a_plain_loop(tiny_mlp):
+    model, x, y = tiny_mlp
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = PolicyScheduler(opt, total_epochs=4)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        train, val = _epoch(model, opt, x, y, gen)
+        sched.step(val, train_loss=train)
+    assert len(sched.history) == 4
+    assert all(math.isfinite(h["lr"]) and h["lr"] > 0 for h in sched.history)
+    assert set(sched.history[0]) >= {"epoch", "lr", "action", "obs", "train_loss", "val_loss"}
