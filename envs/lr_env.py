@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -13,6 +13,7 @@ from gymnasium import spaces
 
 from controller.actions import ActionConfig, next_lr
 from controller.features import CLIP, N_FEATURES, FeatureBuilder
+from envs.evaluation import run_schedule
 from envs.inner import EpochResult, InnerRun, TorchRun
 from envs.tasks import TRAIN_FAMILIES, TaskConfig, get_family
 
@@ -35,6 +36,9 @@ class EnvConfig:
     """A finite val loss above explode_ratio × the untrained model's val loss counts as divergence."""
     lr_multiplier: float | None = None
     """Initial LR = family default × this; None draws it log-uniformly over three decades."""
+    reward: Literal["log_val", "vs_cosine"] = "log_val"
+    """"log_val": r = Δ ln val loss. "vs_cosine": the same minus cosine annealing's Δ on the same task and seed
+    (a reference run per episode, twice the compute): the return becomes ln(cosine's final val / the policy's)."""
 
     def __post_init__(self) -> None:
         if not self.families:
@@ -45,6 +49,8 @@ class EnvConfig:
             raise ValueError(f"divergence_penalty must be >= 0, got {self.divergence_penalty}")
         if not self.explode_ratio > 1:
             raise ValueError(f"explode_ratio must be > 1, got {self.explode_ratio}")
+        if self.reward not in ("log_val", "vs_cosine"):
+            raise ValueError(f"reward must be 'log_val' or 'vs_cosine', got {self.reward!r}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -68,9 +74,20 @@ class Episode:
     flags, and an action into the next LR (action map + safety rule of :mod:`controller.actions`).
     """
 
-    def __init__(self, task: TaskConfig, config: EnvConfig) -> None:
+    def __init__(self, task: TaskConfig, config: EnvConfig, reference: list[float] | None = None) -> None:
+        """
+        Args:
+            task: the episode's inner task.
+            config: the env config (reward, penalty, safety rule).
+            reference: for ``reward="vs_cosine"``, the validation losses of the cosine reference run
+                after each epoch (epoch 1 first).
+        """
+        if config.reward == "vs_cosine" and reference is None:
+            raise ValueError("reward 'vs_cosine' needs the reference run's validation losses")
         self.task, self.config = task, config
+        self.reference = reference
         self.features = FeatureBuilder(task.epochs, task.lr, task.optimizer)
+        self.episode_return = 0.0
         self.epoch = 0
         self.initial_val = math.inf
         self.first_val: float | None = None
@@ -113,15 +130,25 @@ class Episode:
             self.diverged = True
             return obs, self.divergence_reward(), True, False, self.info(result, lr)
         assert self.prev_val is not None
-        reward = math.log(self.prev_val) - math.log(result.val_loss)
+        reward = math.log(self.prev_val) - math.log(result.val_loss) - self._reference_gain()
         self.prev_val = result.val_loss
         truncated = self.epoch >= self.task.epochs
-        return obs, float(np.clip(reward, -50.0, 50.0)), False, truncated, self.info(result, lr)
+        reward = float(np.clip(reward, -50.0, 50.0))
+        self.episode_return += reward
+        return obs, reward, False, truncated, self.info(result, lr)
+
+    def _reference_gain(self) -> float:
+        """ln(c_{t-1} / c_t) of the cosine reference (0 for "log_val", or once the reference diverged)."""
+        if self.reference is None or self.epoch > len(self.reference):
+            return 0.0
+        before, now = self.reference[self.epoch - 2], self.reference[self.epoch - 1]
+        if not (math.isfinite(before) and math.isfinite(now) and before > 0 and now > 0):
+            return 0.0
+        return math.log(before / now)
 
     def divergence_reward(self) -> float:
         """Undo the return so far and subtract the penalty: the episode's return is -penalty."""
-        gained = 0.0 if self.first_val is None or self.prev_val is None else math.log(self.first_val / self.prev_val)
-        return -gained - self.config.divergence_penalty
+        return -self.episode_return - self.config.divergence_penalty
 
     def info(self, result: EpochResult, lr: float) -> dict[str, Any]:
         return {
@@ -162,8 +189,11 @@ class LRControlEnv(gym.Env):
 
     ## Rewards
     ``r_t = ln(val_loss_{t-1}) - ln(val_loss_t)``: dense, and an episode's return equals
-    ``ln(first val loss / final val loss)``, the log improvement over the first epoch. A diverged
-    episode gets a final reward that makes its return exactly ``-divergence_penalty`` (default 3).
+    ``ln(first val loss / final val loss)``, the log improvement over the first epoch. With
+    ``EnvConfig(reward="vs_cosine")`` the same change of a cosine-annealing reference run on the same
+    task and seed is subtracted, so the return is ``ln(cosine's final val loss / the policy's)``. A
+    diverged episode gets a final reward that makes its return exactly ``-divergence_penalty``
+    (default 3).
 
     ## Starting State
     The task trained for one epoch at its initial LR.
@@ -217,8 +247,11 @@ class LRControlEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):  # type: ignore[override]
         super().reset(seed=seed)
         task = self.sample_task(options)
+        reference = None
+        if self.config.reward == "vs_cosine":
+            reference = run_schedule(task, "cosine", device=str(self.device)).val_losses
         self.run = TorchRun(task, self.device)
-        self.episode = Episode(task, self.config)
+        self.episode = Episode(task, self.config, reference)
         initial_val, _ = self.run.evaluate("val")
         obs, info = self.episode.start(initial_val, self.run.run_epoch(), self.run.lr)
         self._last_obs, self._last_info = obs, info
