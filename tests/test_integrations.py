@@ -1,0 +1,120 @@
+"""PolicyScheduler inside PyTorch Lightning and Hugging Face Trainer, with the real libraries.
+
+Each trainer test records the LR every optimizer step saw (an optimizer step pre-hook), then checks
+that it changed exactly at the decisions and nowhere else, and that a run resumed from the trainer's
+own checkpoint continues the uninterrupted run's LR sequence exactly. The policy is a small random
+net (seeded) so that every decision moves the LR; the bundled default is a placeholder that holds it.
+"""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from controller import PolicyNet, PolicyScheduler, save_policy
+from controller.features import N_FEATURES
+
+# ---------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+@pytest.fixture
+def policy_path(tmp_path):
+    """A seeded random policy: its actions are small but never 0, so every decision changes the LR."""
+    torch.manual_seed(1234)
+    return save_policy(tmp_path / "random_policy.safetensors", PolicyNet(N_FEATURES, hidden=(16,)))
+
+
+def _regression_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    w = torch.randn(6, 1, generator=g)
+    return x, x @ w + 0.1 * torch.randn(n, 1, generator=g)
+
+
+def _record_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
+    """The LR each optimizer step runs with, in order."""
+    lrs: list[float] = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: lrs.append(float(opt.param_groups[0]["lr"])))
+    return lrs
+
+
+def _assert_changes_exactly_at(lrs: list[float], boundaries: list[int], history: list[dict]) -> None:
+    """The LR is constant between decisions, changes at every decision, and equals what history says."""
+    changes = [i for i in range(1, len(lrs)) if lrs[i] != lrs[i - 1]]
+    assert changes == boundaries, f"LR changed at steps {changes}, decisions were before steps {boundaries}"
+    assert [lrs[i] for i in boundaries] == [h["lr"] for h in history[: len(boundaries)]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The scheduler API the integrations use (no trainer library needed)
+
+
+def _sgd(seed: int = 0) -> torch.optim.Optimizer:
+    torch.manual_seed(seed)
+    return torch.optim.SGD(torch.nn.Linear(4, 2).parameters(), lr=0.05)
+
+
+def test_deferred_total_epochs_refuses_to_decide_until_set(policy_path):
+    deferred = PolicyScheduler(_sgd(), total_epochs=None, policy=policy_path)
+    explicit = PolicyScheduler(_sgd(), total_epochs=5, policy=policy_path)
+    deferred.step()  # what HF calls after every optimizer step: allowed, no decision
+    with pytest.raises(RuntimeError, match="set_total_epochs"):
+        deferred.step(1.0, train_loss=1.2)
+    assert deferred.history == [] and deferred.last_epoch == 0
+    deferred.set_total_epochs(5)
+    for val in (1.0, 0.9, 0.85):
+        deferred.step(val, train_loss=val + 0.1)
+        explicit.step(val, train_loss=val + 0.1)
+    assert deferred.history == explicit.history
+    assert deferred.history[0]["obs"][0] == pytest.approx(1 / 5)  # progress uses the total set later
+    with pytest.raises(ValueError, match="positive int"):
+        deferred.set_total_epochs(0)
+    with pytest.raises(ValueError, match="positive int"):
+        PolicyScheduler(_sgd(), total_epochs=0)
+
+
+def test_observed_train_losses_reach_the_next_decision_as_a_weighted_mean(policy_path):
+    fed = PolicyScheduler(_sgd(), total_epochs=4, policy=policy_path)
+    given = PolicyScheduler(_sgd(), total_epochs=4, policy=policy_path)
+    fed.observe_train_loss(torch.tensor(0.8), weight=3)
+    fed.observe_train_loss(0.4, weight=1)
+    assert fed.pending_train_loss == pytest.approx(0.7)
+    fed.step()  # a step without a metric keeps the record
+    fed.step(0.9)
+    given.step(0.9, train_loss=0.7)
+    assert fed.history[0]["train_loss"] == pytest.approx(0.7)
+    assert fed.history[0]["obs"] == pytest.approx(given.history[0]["obs"])
+    assert fed.pending_train_loss is None  # used once, then forgotten
+    fed.step(0.8)
+    assert fed.history[1]["train_loss"] is None
+    fed.observe_train_loss(5.0)
+    fed.step(0.7, train_loss=0.6)  # an explicit train_loss wins and the record is dropped
+    assert fed.history[2]["train_loss"] == 0.6 and fed.pending_train_loss is None
+    with pytest.raises(ValueError, match="weight"):
+        fed.observe_train_loss(1.0, weight=0)
+
+
+def test_state_with_deferred_total_and_pending_loss_reloads_with_weights_only(policy_path, tmp_path):
+    a = PolicyScheduler(_sgd(), total_epochs=None, policy=policy_path)
+    a.observe_train_loss(1.5, weight=2)
+    torch.save(a.state_dict(), tmp_path / "s.pt")
+    b = PolicyScheduler(_sgd(), total_epochs=None, policy=policy_path)
+    b.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert b.pending_train_loss == 1.5 and b.total_epochs is None
+    for s in (a, b):
+        s.set_total_epochs(3)
+        s.step(1.0)
+    assert a.history == b.history and a.get_last_lr() == b.get_last_lr()
+
+
+def test_state_saved_before_pending_losses_existed_still_loads(policy_path):
+    a = PolicyScheduler(_sgd(), total_epochs=3, policy=policy_path)
+    a.step(1.0, train_loss=1.1)
+    old = {k: v for k, v in a.state_dict().items() if not k.startswith("_pending")}
+    b = PolicyScheduler(_sgd(), total_epochs=3, policy=policy_path)
+    b.observe_train_loss(9.0)
+    b.load_state_dict(old)
+    assert b.pending_train_loss is None and b.history == a.history
