@@ -118,3 +118,101 @@ def test_state_saved_before_pending_losses_existed_still_loads(policy_path):
     b.observe_train_loss(9.0)
     b.load_state_dict(old)
     assert b.pending_train_loss is None and b.history == a.history
+
+
+# ---------------------------------------------------------------------------------------------------
+# PyTorch Lightning
+
+LIGHTNING_MISSING = "pytorch_lightning is not installed: pip install 'lrcontrol[lightning]'"
+LIGHTNING_STEPS_PER_EPOCH = 4  # 64 samples, batches of 16
+
+
+def _lightning_run(tmp_path, policy_path, *, max_epochs, total_epochs=None, ckpt_path=None, callbacks=(),
+                   scheduler_config=None):
+    """Fit a tiny regression MLP; returns (per-step LRs, scheduler, module)."""
+    pl = pytest.importorskip("pytorch_lightning", reason=LIGHTNING_MISSING)
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from controller.integrations.lightning import PolicySchedulerCallback, lr_scheduler_config
+
+    class Regressor(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+            self.lrs: list[float] = []
+            self.batch_losses: list[tuple[float, int]] = []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.batch_losses.append((loss.item(), len(x)))
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+            self.lrs = _record_lrs(optimizer)
+            self.scheduler = PolicyScheduler(optimizer, total_epochs=total_epochs, policy=policy_path)
+            config = scheduler_config(self.scheduler) if scheduler_config else lr_scheduler_config(self.scheduler)
+            return {"optimizer": optimizer, "lr_scheduler": config}
+
+    x, y = _regression_data(96, seed=1)
+    train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=16)  # fixed order: resumable exactly
+    val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=32)
+    model = Regressor()
+    trainer = pl.Trainer(
+        max_epochs=max_epochs, callbacks=[*callbacks, PolicySchedulerCallback()], default_root_dir=tmp_path,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+    )
+    trainer.fit(model, train, val, ckpt_path=ckpt_path)
+    return model.lrs, model.scheduler, model
+
+
+def test_lightning_decides_once_per_epoch_from_val_and_train_loss(tmp_path, policy_path):
+    lrs, scheduler, model = _lightning_run(tmp_path, policy_path, max_epochs=4)
+    assert scheduler.total_epochs == 4  # deferred: filled in from max_epochs
+    assert [h["epoch"] for h in scheduler.history] == [1, 2, 3, 4]
+    assert len(lrs) == 4 * LIGHTNING_STEPS_PER_EPOCH
+    _assert_changes_exactly_at(lrs, [4, 8, 12], scheduler.history)
+    assert scheduler.get_last_lr()[0] == scheduler.history[-1]["lr"] != lrs[-1]  # the last decision, too
+    # the training loss reached the scheduler without user code: the per-sample mean of each epoch
+    for epoch, h in enumerate(scheduler.history):
+        batches = model.batch_losses[epoch * 4 : (epoch + 1) * 4]
+        mean = sum(loss * n for loss, n in batches) / sum(n for _, n in batches)
+        assert h["train_loss"] == pytest.approx(mean, rel=1e-6)
+        assert h["val_loss"] > 0 and h["action"] is not None and len(h["obs"]) == N_FEATURES
+
+
+@pytest.mark.parametrize("save_on_train_epoch_end", [None, False], ids=["ckpt-at-train-epoch-end", "ckpt-at-val-end"])
+def test_lightning_resume_continues_the_exact_lr_sequence(tmp_path, policy_path, save_on_train_epoch_end):
+    pytest.importorskip("pytorch_lightning", reason=LIGHTNING_MISSING)
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    full_lrs, full, _ = _lightning_run(tmp_path / "full", policy_path, max_epochs=4, total_epochs=4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_on_train_epoch_end=save_on_train_epoch_end)
+    first_lrs, first, _ = _lightning_run(tmp_path / "a", policy_path, max_epochs=2, total_epochs=4, callbacks=[ckpt])
+    # Lightning saved before its scheduler step of epoch 2 and skips that step when it resumes: the
+    # callback must make that decision, or everything after it is off by one decision.
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["lr_schedulers"][0]["last_epoch"] == 1
+    rest_lrs, resumed, _ = _lightning_run(tmp_path / "b", policy_path, max_epochs=4, total_epochs=4,
+                                          ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert first_lrs + rest_lrs == full_lrs
+    assert resumed.history == full.history
+    assert resumed.get_last_lr() == full.get_last_lr()
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (lambda s: {"scheduler": s, "interval": "epoch"}, "reduce_on_plateau=False"),
+        (lambda s: {"scheduler": s, "interval": "step", "reduce_on_plateau": True, "monitor": "val_loss"}, "interval"),
+    ],
+    ids=["no-plateau-flag", "step-interval"],
+)
+def test_lightning_refuses_configs_that_would_never_pass_the_val_loss(tmp_path, policy_path, config, message):
+    with pytest.raises(ValueError, match=message):
+        _lightning_run(tmp_path, policy_path, max_epochs=1, scheduler_config=config)
