@@ -6,15 +6,17 @@ own checkpoint continues the uninterrupted run's LR sequence exactly. The policy
 net (seeded) so that every decision moves the LR; the bundled default is a placeholder that holds it.
 """
 
-import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from controller import PolicyNet, PolicyScheduler, save_policy
 from controller.features import N_FEATURES
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------------------------------------------
 # Shared pieces
@@ -216,3 +218,155 @@ def test_lightning_resume_continues_the_exact_lr_sequence(tmp_path, policy_path,
 def test_lightning_refuses_configs_that_would_never_pass_the_val_loss(tmp_path, policy_path, config, message):
     with pytest.raises(ValueError, match=message):
         _lightning_run(tmp_path, policy_path, max_epochs=1, scheduler_config=config)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hugging Face Trainer
+
+HF_MISSING = "transformers/accelerate are not installed: pip install 'lrcontrol[hf]'"
+HF_STEPS_PER_EPOCH = 4  # 64 samples, batches of 16
+
+
+class _PairDataset(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class _TinyRegressor(torch.nn.Module):
+    """What the Trainer needs from a model: forward(**batch) -> {"loss", "logits"}."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def forward(self, x, labels=None):
+        out = self.net(x)
+        return {"loss": None if labels is None else torch.nn.functional.mse_loss(out, labels), "logits": out}
+
+
+def _hf_trainer(tmp_path, policy_path, *, total_epochs=None, callbacks=(), **overrides):
+    """A Trainer on a tiny regression MLP; returns (trainer, per-step LRs, scheduler)."""
+    transformers = pytest.importorskip("transformers", reason=HF_MISSING)
+    pytest.importorskip("accelerate", reason=HF_MISSING)
+    from controller.integrations.hf import PolicySchedulerCallback
+
+    x, y = _regression_data(96, seed=1)
+    model = _TinyRegressor()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    lrs = _record_lrs(optimizer)
+    scheduler = PolicyScheduler(optimizer, total_epochs=total_epochs, policy=policy_path)
+    settings = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=16, per_device_eval_batch_size=32,
+        num_train_epochs=4, eval_strategy="epoch", logging_strategy="epoch", save_strategy="no",
+        report_to="none", use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    settings.update(overrides)
+    trainer = transformers.Trainer(
+        model=model, args=transformers.TrainingArguments(**settings),
+        train_dataset=_PairDataset(x[:64], y[:64]), eval_dataset=_PairDataset(x[64:], y[64:]),
+        optimizers=(optimizer, scheduler), callbacks=[*callbacks, PolicySchedulerCallback()],
+    )
+    return trainer, lrs, scheduler
+
+
+def test_hf_epoch_strategy_decides_once_per_evaluation(tmp_path, policy_path):
+    trainer, lrs, scheduler = _hf_trainer(tmp_path, policy_path, num_train_epochs=3)
+    trainer.train()
+    assert scheduler.total_epochs == 3  # deferred: one decision per planned evaluation
+    assert len(lrs) == 3 * HF_STEPS_PER_EPOCH  # and Trainer's step() after every optimizer step changed nothing:
+    _assert_changes_exactly_at(lrs, [4, 8], scheduler.history)
+    train_logs = [log for log in trainer.state.log_history if "loss" in log]
+    eval_logs = [log for log in trainer.state.log_history if "eval_loss" in log]
+    assert [h["train_loss"] for h in scheduler.history] == [log["loss"] for log in train_logs]
+    assert [h["val_loss"] for h in scheduler.history] == [log["eval_loss"] for log in eval_logs]
+    assert scheduler.get_last_lr()[0] == scheduler.history[-1]["lr"]
+    # the Trainer logs the LR its optimizer steps ran with
+    assert [log["learning_rate"] for log in train_logs] == [lrs[3], lrs[7], lrs[11]]
+
+
+def test_hf_steps_strategy_decides_at_each_evaluation_with_the_mean_logged_loss(tmp_path, policy_path):
+    trainer, lrs, scheduler = _hf_trainer(
+        tmp_path, policy_path, num_train_epochs=3, eval_strategy="steps", eval_steps=5, logging_strategy="steps",
+        logging_steps=2, logging_first_step=True, eval_on_start=True,
+    )
+    trainer.train()
+    # 12 steps, evaluations at 5, 10 and the last step (12); eval_on_start does not decide
+    assert scheduler.total_epochs == 3 and len(scheduler.history) == 3
+    _assert_changes_exactly_at(lrs, [5, 10], scheduler.history)
+    # logs at steps 1, 2, 4, 6, ..., 12: each decision reads the step-weighted mean of the losses
+    # logged since the previous one (steps 1-4, then 5-10, then 11-12)
+    logs = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
+    assert [step for step, _ in logs] == [1, 2, 4, 6, 8, 10, 12]
+    previous = 0
+    windows: dict[int, list[tuple[float, int]]] = {5: [], 10: [], 12: []}
+    for step, loss in logs:
+        windows[next(d for d in windows if step <= d)].append((loss, step - previous))
+        previous = step
+    for h, window in zip(scheduler.history, windows.values()):
+        expected = sum(loss * w for loss, w in window) / sum(w for _, w in window)
+        assert h["train_loss"] == pytest.approx(expected, rel=1e-12)
+    assert scheduler.history[0]["train_loss"] != pytest.approx(sum(loss for loss, _ in windows[5]) / 3)
+    trainer.evaluate()  # outside training: no decision
+    assert len(scheduler.history) == 3
+
+
+def test_hf_resume_from_checkpoint_continues_the_exact_lr_sequence(tmp_path, policy_path):
+    transformers = pytest.importorskip("transformers", reason=HF_MISSING)
+
+    class StopAfterTwoEpochs(transformers.TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if state.epoch >= 2:
+                control.should_training_stop = True  # an interruption: the plan stays 4 epochs
+
+    full, full_lrs, full_scheduler = _hf_trainer(tmp_path / "full", policy_path)
+    full.train()
+    first, first_lrs, _ = _hf_trainer(tmp_path / "run", policy_path, save_strategy="epoch",
+                                      callbacks=[StopAfterTwoEpochs()])
+    first.train()
+    checkpoint = tmp_path / "run" / f"checkpoint-{2 * HF_STEPS_PER_EPOCH}"
+    assert torch.load(checkpoint / "scheduler.pt", weights_only=True)["last_epoch"] == 2
+    resumed, rest_lrs, resumed_scheduler = _hf_trainer(tmp_path / "run", policy_path, save_strategy="epoch")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert len(first_lrs) == 2 * HF_STEPS_PER_EPOCH
+    assert first_lrs + rest_lrs == full_lrs
+    assert resumed_scheduler.history == full_scheduler.history
+    assert resumed_scheduler.total_epochs == 4
+
+
+def test_hf_refuses_runs_that_never_evaluate(tmp_path, policy_path):
+    trainer, _, _ = _hf_trainer(tmp_path, policy_path, eval_strategy="no")
+    with pytest.raises(ValueError, match="eval_strategy"):
+        trainer.train()
+
+
+def test_hf_warns_when_no_training_loss_was_logged_before_a_decision(tmp_path, policy_path):
+    trainer, _, scheduler = _hf_trainer(tmp_path, policy_path, num_train_epochs=1, logging_strategy="steps",
+                                        logging_steps=500)
+    with pytest.warns(RuntimeWarning, match="logging_steps <= eval_steps"):
+        trainer.train()
+    assert len(scheduler.history) == 1 and scheduler.history[0]["train_loss"] is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optional extras
+
+
+@pytest.mark.parametrize(
+    "module, library, extra",
+    [("controller.integrations.lightning", "pytorch_lightning", "lightning"),
+     ("controller.integrations.hf", "transformers", "hf")],
+)
+def test_integration_names_the_extra_to_install_when_its_library_is_missing(module, library, extra):
+    code = (
+        f"import sys\nsys.modules[{library!r}] = None  # as if not installed\n"
+        f"try:\n    import {module}\nexcept ImportError as err:\n    assert 'lrcontrol[{extra}]' in str(err), err\n"
+        "else:\n    raise SystemExit('imported without its library')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
