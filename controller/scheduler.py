@@ -83,9 +83,11 @@ class PolicyScheduler(LRScheduler):
         last_epoch: as in other torch schedulers; leave at -1 and use :meth:`load_state_dict` to resume.
 
     Attributes:
-        history: one dict per decision: ``epoch``, ``lr`` (set for the next epoch), ``action`` (raw
-            policy output, None when a non-finite loss bypassed the policy), ``cut`` (safety cut
-            fired), ``train_loss``, ``val_loss``, ``val_accuracy`` and ``obs`` (the observation).
+        history: one dict per decision: ``epoch``, ``epoch_lr`` (the LR the epoch ran with), ``lr``
+            (set for the next epoch), ``action`` (raw policy output, None when a non-finite loss
+            bypassed the policy), ``cut`` (safety cut fired), ``train_loss``, ``val_loss``,
+            ``val_accuracy`` and ``obs`` (the observation). LRs are the first param group's.
+            :func:`controller.plot_history` draws it.
 
     Example:
         >>> scheduler = PolicyScheduler(optimizer, total_epochs=30)
@@ -259,6 +261,7 @@ class PolicyScheduler(LRScheduler):
         self.history.append(
             {
                 "epoch": self.last_epoch,
+                "epoch_lr": lr,
                 "lr": self._last_lr[0],
                 "action": action,
                 "cut": cut,
