@@ -189,6 +189,7 @@ def test_lightning_decides_once_per_epoch_from_val_and_train_loss(tmp_path, poli
         assert h["val_loss"] > 0 and h["action"] is not None and len(h["obs"]) == N_FEATURES
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the resumed run checkpoints elsewhere: fine
 @pytest.mark.parametrize("save_on_train_epoch_end", [None, False], ids=["ckpt-at-train-epoch-end", "ckpt-at-val-end"])
 def test_lightning_resume_continues_the_exact_lr_sequence(tmp_path, policy_path, save_on_train_epoch_end):
     pytest.importorskip("pytorch_lightning", reason=LIGHTNING_MISSING)
@@ -202,6 +203,7 @@ def test_lightning_resume_continues_the_exact_lr_sequence(tmp_path, policy_path,
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["lr_schedulers"][0]["last_epoch"] == 1
     rest_lrs, resumed, _ = _lightning_run(tmp_path / "b", policy_path, max_epochs=4, total_epochs=4,
                                           ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    _assert_changes_exactly_at(full_lrs, [4, 8, 12], full.history)
     assert first_lrs + rest_lrs == full_lrs
     assert resumed.history == full.history
     assert resumed.get_last_lr() == full.get_last_lr()
@@ -335,6 +337,7 @@ def test_hf_resume_from_checkpoint_continues_the_exact_lr_sequence(tmp_path, pol
     resumed, rest_lrs, resumed_scheduler = _hf_trainer(tmp_path / "run", policy_path, save_strategy="epoch")
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert len(first_lrs) == 2 * HF_STEPS_PER_EPOCH
+    _assert_changes_exactly_at(full_lrs, [4, 8, 12], full_scheduler.history)
     assert first_lrs + rest_lrs == full_lrs
     assert resumed_scheduler.history == full_scheduler.history
     assert resumed_scheduler.total_epochs == 4

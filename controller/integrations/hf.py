@@ -120,7 +120,8 @@ class PolicySchedulerCallback(TrainerCallback):
         elif scheduler.total_epochs != planned:
             warnings.warn(
                 f"PolicyScheduler(total_epochs={scheduler.total_epochs}) but the Trainer plans {planned} evaluations "
-                "(one decision each): the policy's progress feature will be off; pass total_epochs=None to use the plan",
+                "(one decision each): the policy's progress feature will be off; "
+                "pass total_epochs=None to use the plan",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -169,7 +169,9 @@ class PolicySchedulerCallback(Callback):
         value = trainer.callback_metrics.get(self._monitor)
         if value is None:
             return  # Lightning itself raises: the monitored metric is missing
-        self._pending = {"epoch": trainer.current_epoch, "val_loss": float(value), "decisions": self.scheduler.last_epoch}
+        self._pending = {
+            "epoch": trainer.current_epoch, "val_loss": float(value), "decisions": self.scheduler.last_epoch,
+        }
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.scheduler is not None and self._loss_sum is not None and self._loss_weight > 0:
