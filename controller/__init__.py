@@ -1,7 +1,8 @@
 """A learned learning-rate controller for PyTorch, shipped as a drop-in LR scheduler.
 
 Torch, numpy and safetensors only: importing this package loads no gymnasium, stable_baselines3,
-mlflow or click.
+mlflow, click, matplotlib (``plot_history`` imports it when called) or trainer library (the
+integrations in :mod:`controller.integrations` import theirs).
 
 Example:
     >>> from controller import PolicyScheduler
@@ -14,6 +15,7 @@ Example:
 from controller.actions import ActionConfig, lr_factor, next_lr
 from controller.checkpoint import default_policy_path, load_policy, read_metadata, save_policy
 from controller.features import FEATURE_NAMES, N_FEATURES, FeatureBuilder
+from controller.plotting import plot_history
 from controller.policy import PolicyNet
 from controller.scheduler import PolicyScheduler
 from controller.signals import StepStats, StepStatsHook
@@ -31,6 +33,7 @@ __all__ = [
     "load_policy",
     "lr_factor",
     "next_lr",
+    "plot_history",
     "read_metadata",
     "save_policy",
 ]

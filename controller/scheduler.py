@@ -44,6 +44,11 @@ def _per_group(value: float | Sequence[float], n_groups: int, name: str) -> list
     return out
 
 
+def _check_total_epochs(total_epochs: object) -> None:
+    if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
+        raise ValueError(f"total_epochs must be a positive int (or None to let a trainer set it), got {total_epochs!r}")
+
+
 class PolicyScheduler(LRScheduler):
     """Sets the learning rate once per epoch with a policy trained by reinforcement learning.
 
@@ -57,13 +62,20 @@ class PolicyScheduler(LRScheduler):
     ``max_lr``.
 
     ``step()`` with no metric (what Hugging Face Trainer calls after every optimizer step) leaves the
-    LR unchanged. A NaN or infinite ``metrics`` / ``train_loss`` does not reach the policy: the LR is
-    multiplied by the policy's ``cut_factor`` (0.25 for the bundled policy), a warning is issued once,
-    and training carries on. The LR is never set to NaN or 0.
+    LR unchanged. Trainers that call ``step(val_loss)`` themselves (Lightning, Hugging Face) cannot pass
+    ``train_loss``: :meth:`observe_train_loss` records it beforehand instead, and the next decision
+    uses the weighted mean of what was recorded since the previous one (the callbacks in
+    :mod:`controller.integrations` do this with no user code).
+
+    A NaN or infinite ``metrics`` / ``train_loss`` does not reach the policy: the LR is multiplied by
+    the policy's ``cut_factor`` (0.25 for the bundled policy), a warning is issued once, and training
+    carries on. The LR is never set to NaN or 0.
 
     Args:
         optimizer: any ``torch.optim.Optimizer``, any number of param groups, on CPU or CUDA.
-        total_epochs: the run's epoch budget (decisions expected: one per epoch).
+        total_epochs: the run's epoch budget (decisions expected: one per epoch). None defers it to a
+            trainer integration, which calls :meth:`set_total_epochs` from the trainer's plan before
+            the first decision (Hugging Face: the number of evaluations; Lightning: ``max_epochs``).
         policy: a policy file path, an already loaded :class:`PolicyNet`, or None for the bundled
             default policy.
         min_lr: lower bound(s) on each group's LR (a float or one per group).
@@ -71,9 +83,11 @@ class PolicyScheduler(LRScheduler):
         last_epoch: as in other torch schedulers; leave at -1 and use :meth:`load_state_dict` to resume.
 
     Attributes:
-        history: one dict per decision: ``epoch``, ``lr`` (set for the next epoch), ``action`` (raw
-            policy output, None when a non-finite loss bypassed the policy), ``cut`` (safety cut
-            fired), ``train_loss``, ``val_loss``, ``val_accuracy`` and ``obs`` (the observation).
+        history: one dict per decision: ``epoch``, ``epoch_lr`` (the LR the epoch ran with), ``lr``
+            (set for the next epoch), ``action`` (raw policy output, None when a non-finite loss
+            bypassed the policy), ``cut`` (safety cut fired), ``train_loss``, ``val_loss``,
+            ``val_accuracy`` and ``obs`` (the observation). LRs are the first param group's.
+            :func:`controller.plot_history` draws it.
 
     Example:
         >>> scheduler = PolicyScheduler(optimizer, total_epochs=30)
@@ -86,7 +100,7 @@ class PolicyScheduler(LRScheduler):
     def __init__(
         self,
         optimizer: Optimizer,
-        total_epochs: int,
+        total_epochs: int | None,
         policy: str | Path | PolicyNet | None = None,
         *,
         min_lr: float | Sequence[float] = 0.0,
@@ -95,8 +109,8 @@ class PolicyScheduler(LRScheduler):
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"{type(optimizer).__name__} is not an Optimizer")
-        if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
-            raise ValueError(f"total_epochs must be a positive int, got {total_epochs!r}")
+        if total_epochs is not None:
+            _check_total_epochs(total_epochs)
         n_groups = len(optimizer.param_groups)
         self.min_lrs = _per_group(min_lr, n_groups, "min_lr")
         self.max_lrs = _per_group(max_lr, n_groups, "max_lr")
@@ -110,12 +124,67 @@ class PolicyScheduler(LRScheduler):
             raise ValueError(f"policy takes {self.policy.n_features} features, this library computes {len(FEATURE_NAMES)}")
         self.action_config = self.policy.action_config
         self.total_epochs = total_epochs
+        self.total_epochs_deferred = total_epochs is None
+        """True when built with ``total_epochs=None``: a trainer integration fills the total in."""
         self.initial_lr = lr0
-        self.features = FeatureBuilder(total_epochs, lr0, optimizer)
+        # While the total is deferred the builder holds a stand-in of 1; step() refuses to decide until
+        # set_total_epochs() replaces it, so the stand-in never reaches an observation.
+        self.features = FeatureBuilder(total_epochs or 1, lr0, optimizer)
         self.history: list[dict[str, Any]] = []
+        self._pending_train_sum = 0.0
+        self._pending_train_weight = 0.0
         self._warned_nonfinite = False
         self._hook = StepStatsHook(optimizer)
         super().__init__(optimizer, last_epoch)
+
+    def set_total_epochs(self, total_epochs: int) -> None:
+        """Set the epoch budget (the number of decisions the run will make) after construction.
+
+        For a scheduler built with ``total_epochs=None``: trainer integrations call this once they
+        know the trainer's plan. It may be called again (a resumed run with a longer plan); the
+        progress feature of later decisions uses the new total.
+
+        Args:
+            total_epochs: a positive int.
+
+        Example:
+            >>> scheduler = PolicyScheduler(optimizer, total_epochs=None)
+            >>> scheduler.set_total_epochs(12)
+        """
+        _check_total_epochs(total_epochs)
+        self.total_epochs = total_epochs
+        self.features.total_epochs = total_epochs
+
+    def observe_train_loss(self, train_loss: float | torch.Tensor, weight: float = 1.0) -> None:
+        """Record a training loss for the next decision, when the trainer's ``step`` call cannot pass one.
+
+        The next :meth:`step` that makes a decision without an explicit ``train_loss`` uses the
+        ``weight``-weighted mean of the losses recorded since the previous decision (then forgets them).
+        The record is part of :meth:`state_dict`, so a checkpoint taken between recording and
+        deciding resumes exactly.
+
+        Args:
+            train_loss: a mean training loss (over an epoch, or over a logging window).
+            weight: how many samples or steps that mean covers (> 0).
+
+        Example:
+            >>> scheduler.observe_train_loss(0.82, weight=120)   # mean loss over 120 steps
+            >>> scheduler.observe_train_loss(0.74, weight=80)
+            >>> scheduler.step(val_loss)                          # decides with train loss 0.788
+        """
+        loss = _as_float(train_loss, "train_loss")
+        w = _as_float(weight, "weight")
+        if loss is None or w is None or not (math.isfinite(w) and w > 0):
+            raise ValueError(f"need a train_loss and a positive finite weight, got {train_loss!r}, {weight!r}")
+        self._pending_train_sum += loss * w  # a NaN/inf loss stays non-finite: the decision then cuts
+        self._pending_train_weight += w
+
+    @property
+    def pending_train_loss(self) -> float | None:
+        """The mean of the losses :meth:`observe_train_loss` recorded since the last decision, or None."""
+        if self._pending_train_weight <= 0:
+            return None
+        return self._pending_train_sum / self._pending_train_weight
 
     def get_lr(self) -> list[float]:
         """The current LRs: only a decision in :meth:`step` changes them."""
@@ -132,8 +201,13 @@ class PolicyScheduler(LRScheduler):
 
         Args:
             metrics: the validation loss after the epoch. None: no decision, LR unchanged.
-            train_loss: mean training loss over the epoch (recommended; the policy uses it).
+            train_loss: mean training loss over the epoch (recommended; the policy uses it). None: the
+                mean recorded by :meth:`observe_train_loss` since the last decision, if any.
             val_accuracy: validation accuracy in [0, 1] for classification tasks.
+
+        Raises:
+            RuntimeError: a decision is due but the scheduler was built with ``total_epochs=None``
+                and nothing has called :meth:`set_total_epochs`.
         """
         val_loss = _as_float(metrics, "metrics")
         if val_loss is None:
@@ -141,7 +215,17 @@ class PolicyScheduler(LRScheduler):
                 self.last_epoch = 0
             self._last_lr = self.get_lr()
             return
+        if self.total_epochs is None:
+            raise RuntimeError(
+                "PolicyScheduler was built with total_epochs=None and no epoch budget was set before its first "
+                "decision: pass total_epochs=N, call scheduler.set_total_epochs(N), or add the trainer callback "
+                "that fills it in (controller.integrations.hf.PolicySchedulerCallback or "
+                "controller.integrations.lightning.PolicySchedulerCallback)"
+            )
         train = _as_float(train_loss, "train_loss")
+        if train is None:
+            train = self.pending_train_loss
+        self._pending_train_sum, self._pending_train_weight = 0.0, 0.0
         accuracy = _as_float(val_accuracy, "val_accuracy")
         self.last_epoch += 1
         self._step_count += 1
@@ -177,6 +261,7 @@ class PolicyScheduler(LRScheduler):
         self.history.append(
             {
                 "epoch": self.last_epoch,
+                "epoch_lr": lr,
                 "lr": self._last_lr[0],
                 "action": action,
                 "cut": cut,
@@ -203,6 +288,8 @@ class PolicyScheduler(LRScheduler):
             "hook": self._hook.state_dict(),
             "history": [dict(h) for h in self.history],
             "_warned_nonfinite": self._warned_nonfinite,
+            "_pending_train_sum": self._pending_train_sum,
+            "_pending_train_weight": self._pending_train_weight,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -214,10 +301,11 @@ class PolicyScheduler(LRScheduler):
         self.features.load_state_dict(state.pop("features"))
         self._hook.load_state_dict(state.pop("hook"))
         self.history = [dict(h) for h in state.pop("history")]
+        self._pending_train_sum, self._pending_train_weight = 0.0, 0.0  # absent from states saved by earlier versions
         for key, value in state.items():
             if key not in {
                 "last_epoch", "_step_count", "total_epochs", "initial_lr", "base_lrs", "_last_lr",
-                "min_lrs", "max_lrs", "_warned_nonfinite",
+                "min_lrs", "max_lrs", "_warned_nonfinite", "_pending_train_sum", "_pending_train_weight",
             }:
                 raise ValueError(f"unknown PolicyScheduler state key {key!r}")
             setattr(self, key, value)

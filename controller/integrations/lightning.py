@@ -1,0 +1,222 @@
+"""``PolicyScheduler`` inside PyTorch Lightning: the scheduler config, and a callback for the training loss.
+
+Lightning steps an epoch-interval scheduler once per epoch, after validation, and passes it the
+monitored metric only when its config says ``"reduce_on_plateau": True`` with a ``"monitor"`` key:
+:func:`lr_scheduler_config` returns that config. Lightning never passes the training loss, so
+:class:`PolicySchedulerCallback` averages what ``training_step`` returns over the epoch and records the
+mean on the scheduler (:meth:`PolicyScheduler.observe_train_loss`) before Lightning's step.
+
+One epoch of ``Trainer.fit`` in Lightning 2.6, read in the installed source
+(``loops/training_epoch_loop.py``, ``loops/fit_loop.py``) and checked by running it:
+
+1. ``on_train_batch_end`` after every batch — the callback adds the batch loss (on the device);
+2. validation after the last batch, ending in ``on_validation_end`` — the callback remembers the
+   monitored value; ``ModelCheckpoint(save_on_train_epoch_end=False)`` saves here;
+3. ``on_train_epoch_end``: plain callbacks, then the LightningModule, then checkpoint callbacks
+   (``ModelCheckpoint`` saves here by default) — the callback records the epoch's mean loss;
+4. the plateau-scheduler update: ``lr_scheduler_step(scheduler, val_loss)`` → ``scheduler.step(val_loss)``.
+
+Resuming: both checkpoint positions come before step 4, and Lightning, resuming from either, skips
+step 4 for that epoch (``fit_loop.on_advance_end``: metric-based schedulers are not updated while
+restarting). That decision would be lost and the resumed LR sequence would drift from an
+uninterrupted run's. The callback keeps the epoch's validation loss in its own checkpointed state and
+makes that one decision at the start of the first resumed epoch, from the same inputs.
+
+Requires ``pip install 'lrcontrol[lightning]'`` (the ``pytorch_lightning`` package).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+try:
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Callback
+    from pytorch_lightning.trainer.states import TrainerFn
+    from pytorch_lightning.utilities.data import extract_batch_size
+except ImportError as err:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "controller.integrations.lightning needs PyTorch Lightning (the pytorch_lightning package): "
+        "pip install 'lrcontrol[lightning]'"
+    ) from err
+
+from controller.scheduler import PolicyScheduler
+
+__all__ = ["PolicySchedulerCallback", "lr_scheduler_config"]
+
+
+def lr_scheduler_config(scheduler: PolicyScheduler, monitor: str = "val_loss") -> dict[str, Any]:
+    """The ``"lr_scheduler"`` entry of ``configure_optimizers`` that makes Lightning pass the metric.
+
+    Args:
+        scheduler: the run's :class:`PolicyScheduler`.
+        monitor: the name of the validation loss as logged by ``self.log`` in validation.
+
+    Returns:
+        ``{"scheduler", "interval": "epoch", "frequency": 1, "reduce_on_plateau": True, "monitor", "strict": True}``.
+
+    Example:
+        >>> def configure_optimizers(self):
+        ...     optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3)
+        ...     scheduler = PolicyScheduler(optimizer, total_epochs=self.trainer.max_epochs)
+        ...     return {"optimizer": optimizer, "lr_scheduler": lr_scheduler_config(scheduler)}
+    """
+    if not isinstance(scheduler, PolicyScheduler):
+        raise TypeError(f"expected a PolicyScheduler, got {type(scheduler).__name__}")
+    if not isinstance(monitor, str) or not monitor:
+        raise ValueError(f"monitor must be the logged name of the validation loss, got {monitor!r}")
+    return {
+        "scheduler": scheduler,
+        "interval": "epoch",
+        "frequency": 1,
+        "reduce_on_plateau": True,  # without it Lightning calls step() with no metric: no decision
+        "monitor": monitor,
+        "strict": True,
+    }
+
+
+def _batch_size(batch: Any) -> int:
+    try:
+        return int(extract_batch_size(batch))
+    except Exception:  # an exotic batch: fall back to one unit per batch
+        return 1
+
+
+class PolicySchedulerCallback(Callback):
+    """Feeds a :class:`PolicyScheduler` what Lightning does not: the epoch's training loss.
+
+    It also checks the scheduler config at the start of training, fills in ``total_epochs`` from
+    ``Trainer(max_epochs=...)`` when the scheduler was built with ``total_epochs=None``, and restores
+    the decision Lightning skips when resuming from an end-of-epoch checkpoint (see the module docs).
+
+    The training loss of a batch is the ``loss`` that ``training_step`` returns (a tensor, or the
+    ``"loss"`` entry of a dict), weighted by the batch size; it stays on the device until the epoch
+    ends (one host read per epoch). Automatic optimization only: with manual optimization Lightning
+    steps no scheduler, so call ``scheduler.step(val_loss, train_loss=...)`` yourself.
+
+    Attributes:
+        scheduler: the run's scheduler, found at ``on_train_start`` (``scheduler.history`` lists the decisions).
+
+    Example:
+        >>> from controller import PolicyScheduler
+        >>> from controller.integrations.lightning import PolicySchedulerCallback, lr_scheduler_config
+        >>> class Model(pl.LightningModule):
+        ...     def training_step(self, batch, batch_idx):
+        ...         return loss                                  # reaches the scheduler via the callback
+        ...     def validation_step(self, batch, batch_idx):
+        ...         self.log("val_loss", loss)                   # reaches scheduler.step(val_loss)
+        ...     def configure_optimizers(self):
+        ...         optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3)
+        ...         scheduler = PolicyScheduler(optimizer, total_epochs=None)   # None: max_epochs
+        ...         return {"optimizer": optimizer, "lr_scheduler": lr_scheduler_config(scheduler)}
+        >>> trainer = pl.Trainer(max_epochs=20, callbacks=[PolicySchedulerCallback()])
+        >>> trainer.fit(Model(), train_loader, val_loader)
+    """
+
+    def __init__(self) -> None:
+        self.scheduler: PolicyScheduler | None = None
+        self._monitor = "val_loss"
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_weight = 0.0
+        self._pending: dict[str, Any] | None = None
+        """The latest validation loss: ``{"epoch", "val_loss", "decisions"}`` (decisions made before it)."""
+        self._first_epoch = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.scheduler, self._monitor = _find_scheduler(trainer)
+        if self.scheduler.total_epochs_deferred:
+            if trainer.max_epochs is None or trainer.max_epochs < 1:
+                raise ValueError(
+                    "PolicyScheduler(total_epochs=None) takes its budget from Trainer(max_epochs=...), which is "
+                    f"{trainer.max_epochs}; set max_epochs or build the scheduler with total_epochs=N"
+                )
+            self.scheduler.set_total_epochs(trainer.max_epochs)
+        self._first_epoch = True
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pending, self._pending = self._pending, None
+        resumed, self._first_epoch = self._first_epoch, False
+        if (
+            resumed
+            and pending is not None
+            and self.scheduler is not None
+            and pending["epoch"] == trainer.current_epoch - 1
+            and self.scheduler.last_epoch == pending["decisions"]
+        ):
+            # Resumed from a checkpoint taken after the previous epoch's validation but before its
+            # scheduler step, which Lightning skips on restart: make the decision the uninterrupted
+            # run made there. Train loss and optimizer-hook window come back with the scheduler state.
+            self.scheduler.step(pending["val_loss"])
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            return  # a skipped step (training_step returned None)
+        # Lightning hands out the loss divided by accumulate_grad_batches: undo that.
+        n = _batch_size(batch)
+        weighted = loss.detach().float().reshape(()) * (trainer.accumulate_grad_batches * n)
+        self._loss_sum = weighted if self._loss_sum is None else self._loss_sum + weighted
+        self._loss_weight += n
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self.scheduler is None:
+            return
+        value = trainer.callback_metrics.get(self._monitor)
+        if value is None:
+            return  # Lightning itself raises: the monitored metric is missing
+        self._pending = {
+            "epoch": trainer.current_epoch, "val_loss": float(value), "decisions": self.scheduler.last_epoch,
+        }
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.scheduler is not None and self._loss_sum is not None and self._loss_weight > 0:
+            # One record per epoch, so its weight is irrelevant: 1 keeps the mean bit-exact.
+            self.scheduler.observe_train_loss(float(self._loss_sum) / self._loss_weight, weight=1.0)
+        self._loss_sum, self._loss_weight = None, 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Primitives only: the epoch's loss so far and the latest validation loss."""
+        return {
+            "loss_sum": None if self._loss_sum is None else float(self._loss_sum),
+            "loss_weight": self._loss_weight,
+            "pending": None if self._pending is None else dict(self._pending),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        loss_sum = state_dict["loss_sum"]
+        self._loss_sum = None if loss_sum is None else torch.tensor(float(loss_sum))
+        self._loss_weight = float(state_dict["loss_weight"])
+        self._pending = None if state_dict["pending"] is None else dict(state_dict["pending"])
+
+
+def _find_scheduler(trainer: pl.Trainer) -> tuple[PolicyScheduler, str]:
+    """The run's PolicyScheduler and monitored metric; a clear error for configs that would never decide."""
+    fix = 'return {"optimizer": optimizer, "lr_scheduler": lr_scheduler_config(scheduler)} from configure_optimizers'
+    if not trainer.lightning_module.automatic_optimization:
+        raise ValueError(
+            "Lightning steps no scheduler under manual optimization: call scheduler.step(val_loss, "
+            "train_loss=...) yourself and drop PolicySchedulerCallback"
+        )
+    configs = [c for c in trainer.lr_scheduler_configs if isinstance(c.scheduler, PolicyScheduler)]
+    if len(configs) != 1:
+        raise ValueError(f"PolicySchedulerCallback needs exactly one PolicyScheduler, found {len(configs)}: {fix}")
+    config = configs[0]
+    if not (config.interval == "epoch" and config.frequency == 1 and config.reduce_on_plateau and config.monitor):
+        raise ValueError(
+            "with this scheduler config Lightning would not pass the validation loss to PolicyScheduler once per "
+            f"epoch (interval={config.interval!r}, frequency={config.frequency}, "
+            f"reduce_on_plateau={config.reduce_on_plateau}, monitor={config.monitor!r}): {fix}"
+        )
+    scheduler, monitor = config.scheduler, config.monitor
+    assert isinstance(scheduler, PolicyScheduler) and monitor is not None  # checked above; for mypy
+    if trainer.check_val_every_n_epoch != 1:
+        raise ValueError(
+            "PolicyScheduler decides once per epoch from that epoch's validation loss: validate every epoch "
+            f"(Trainer(check_val_every_n_epoch=1)), got check_val_every_n_epoch={trainer.check_val_every_n_epoch}"
+        )
+    return scheduler, monitor

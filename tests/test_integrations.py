@@ -1,0 +1,375 @@
+"""PolicyScheduler inside PyTorch Lightning and Hugging Face Trainer, with the real libraries.
+
+Each trainer test records the LR every optimizer step saw (an optimizer step pre-hook), then checks
+that it changed exactly at the decisions and nowhere else, and that a run resumed from the trainer's
+own checkpoint continues the uninterrupted run's LR sequence exactly. The policy is a small random
+net (seeded) so that every decision moves the LR; the bundled default is a placeholder that holds it.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from controller import PolicyNet, PolicyScheduler, save_policy
+from controller.features import N_FEATURES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ---------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+@pytest.fixture
+def policy_path(tmp_path):
+    """A seeded random policy: its actions are small but never 0, so every decision changes the LR."""
+    torch.manual_seed(1234)
+    return save_policy(tmp_path / "random_policy.safetensors", PolicyNet(N_FEATURES, hidden=(16,)))
+
+
+def _regression_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    w = torch.randn(6, 1, generator=g)
+    return x, x @ w + 0.1 * torch.randn(n, 1, generator=g)
+
+
+def _record_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
+    """The LR each optimizer step runs with, in order."""
+    lrs: list[float] = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: lrs.append(float(opt.param_groups[0]["lr"])))
+    return lrs
+
+
+def _assert_changes_exactly_at(lrs: list[float], boundaries: list[int], history: list[dict]) -> None:
+    """The LR is constant between decisions, changes at every decision, and equals what history says."""
+    changes = [i for i in range(1, len(lrs)) if lrs[i] != lrs[i - 1]]
+    assert changes == boundaries, f"LR changed at steps {changes}, decisions were before steps {boundaries}"
+    assert [lrs[i] for i in boundaries] == [h["lr"] for h in history[: len(boundaries)]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The scheduler API the integrations use (no trainer library needed)
+
+
+def _sgd(seed: int = 0) -> torch.optim.Optimizer:
+    torch.manual_seed(seed)
+    return torch.optim.SGD(torch.nn.Linear(4, 2).parameters(), lr=0.05)
+
+
+def test_deferred_total_epochs_refuses_to_decide_until_set(policy_path):
+    deferred = PolicyScheduler(_sgd(), total_epochs=None, policy=policy_path)
+    explicit = PolicyScheduler(_sgd(), total_epochs=5, policy=policy_path)
+    deferred.step()  # what HF calls after every optimizer step: allowed, no decision
+    with pytest.raises(RuntimeError, match="set_total_epochs"):
+        deferred.step(1.0, train_loss=1.2)
+    assert deferred.history == [] and deferred.last_epoch == 0
+    deferred.set_total_epochs(5)
+    for val in (1.0, 0.9, 0.85):
+        deferred.step(val, train_loss=val + 0.1)
+        explicit.step(val, train_loss=val + 0.1)
+    assert deferred.history == explicit.history
+    assert deferred.history[0]["obs"][0] == pytest.approx(1 / 5)  # progress uses the total set later
+    with pytest.raises(ValueError, match="positive int"):
+        deferred.set_total_epochs(0)
+    with pytest.raises(ValueError, match="positive int"):
+        PolicyScheduler(_sgd(), total_epochs=0)
+
+
+def test_observed_train_losses_reach_the_next_decision_as_a_weighted_mean(policy_path):
+    fed = PolicyScheduler(_sgd(), total_epochs=4, policy=policy_path)
+    given = PolicyScheduler(_sgd(), total_epochs=4, policy=policy_path)
+    fed.observe_train_loss(torch.tensor(0.8), weight=3)
+    fed.observe_train_loss(0.4, weight=1)
+    assert fed.pending_train_loss == pytest.approx(0.7)
+    fed.step()  # a step without a metric keeps the record
+    fed.step(0.9)
+    given.step(0.9, train_loss=0.7)
+    assert fed.history[0]["train_loss"] == pytest.approx(0.7)
+    assert fed.history[0]["obs"] == pytest.approx(given.history[0]["obs"])
+    assert fed.pending_train_loss is None  # used once, then forgotten
+    fed.step(0.8)
+    assert fed.history[1]["train_loss"] is None
+    fed.observe_train_loss(5.0)
+    fed.step(0.7, train_loss=0.6)  # an explicit train_loss wins and the record is dropped
+    assert fed.history[2]["train_loss"] == 0.6 and fed.pending_train_loss is None
+    with pytest.raises(ValueError, match="weight"):
+        fed.observe_train_loss(1.0, weight=0)
+
+
+def test_state_with_deferred_total_and_pending_loss_reloads_with_weights_only(policy_path, tmp_path):
+    a = PolicyScheduler(_sgd(), total_epochs=None, policy=policy_path)
+    a.observe_train_loss(1.5, weight=2)
+    torch.save(a.state_dict(), tmp_path / "s.pt")
+    b = PolicyScheduler(_sgd(), total_epochs=None, policy=policy_path)
+    b.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert b.pending_train_loss == 1.5 and b.total_epochs is None
+    for s in (a, b):
+        s.set_total_epochs(3)
+        s.step(1.0)
+    assert a.history == b.history and a.get_last_lr() == b.get_last_lr()
+
+
+def test_state_saved_before_pending_losses_existed_still_loads(policy_path):
+    a = PolicyScheduler(_sgd(), total_epochs=3, policy=policy_path)
+    a.step(1.0, train_loss=1.1)
+    old = {k: v for k, v in a.state_dict().items() if not k.startswith("_pending")}
+    b = PolicyScheduler(_sgd(), total_epochs=3, policy=policy_path)
+    b.observe_train_loss(9.0)
+    b.load_state_dict(old)
+    assert b.pending_train_loss is None and b.history == a.history
+
+
+# ---------------------------------------------------------------------------------------------------
+# PyTorch Lightning
+
+LIGHTNING_MISSING = "pytorch_lightning is not installed: pip install 'lrcontrol[lightning]'"
+LIGHTNING_STEPS_PER_EPOCH = 4  # 64 samples, batches of 16
+
+
+def _lightning_run(tmp_path, policy_path, *, max_epochs, total_epochs=None, ckpt_path=None, callbacks=(),
+                   scheduler_config=None):
+    """Fit a tiny regression MLP; returns (per-step LRs, scheduler, module)."""
+    pl = pytest.importorskip("pytorch_lightning", reason=LIGHTNING_MISSING)
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from controller.integrations.lightning import PolicySchedulerCallback, lr_scheduler_config
+
+    class Regressor(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+            self.lrs: list[float] = []
+            self.batch_losses: list[tuple[float, int]] = []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.batch_losses.append((loss.item(), len(x)))
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+            self.lrs = _record_lrs(optimizer)
+            self.scheduler = PolicyScheduler(optimizer, total_epochs=total_epochs, policy=policy_path)
+            config = scheduler_config(self.scheduler) if scheduler_config else lr_scheduler_config(self.scheduler)
+            return {"optimizer": optimizer, "lr_scheduler": config}
+
+    x, y = _regression_data(96, seed=1)
+    train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=16)  # fixed order: resumable exactly
+    val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=32)
+    model = Regressor()
+    trainer = pl.Trainer(
+        max_epochs=max_epochs, callbacks=[*callbacks, PolicySchedulerCallback()], default_root_dir=tmp_path,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+    )
+    trainer.fit(model, train, val, ckpt_path=ckpt_path)
+    return model.lrs, model.scheduler, model
+
+
+def test_lightning_decides_once_per_epoch_from_val_and_train_loss(tmp_path, policy_path):
+    lrs, scheduler, model = _lightning_run(tmp_path, policy_path, max_epochs=4)
+    assert scheduler.total_epochs == 4  # deferred: filled in from max_epochs
+    assert [h["epoch"] for h in scheduler.history] == [1, 2, 3, 4]
+    assert len(lrs) == 4 * LIGHTNING_STEPS_PER_EPOCH
+    _assert_changes_exactly_at(lrs, [4, 8, 12], scheduler.history)
+    assert scheduler.get_last_lr()[0] == scheduler.history[-1]["lr"] != lrs[-1]  # the last decision, too
+    # the training loss reached the scheduler without user code: the per-sample mean of each epoch
+    for epoch, h in enumerate(scheduler.history):
+        batches = model.batch_losses[epoch * 4 : (epoch + 1) * 4]
+        mean = sum(loss * n for loss, n in batches) / sum(n for _, n in batches)
+        assert h["train_loss"] == pytest.approx(mean, rel=1e-6)
+        assert h["val_loss"] > 0 and h["action"] is not None and len(h["obs"]) == N_FEATURES
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the resumed run checkpoints elsewhere: fine
+@pytest.mark.parametrize("save_on_train_epoch_end", [None, False], ids=["ckpt-at-train-epoch-end", "ckpt-at-val-end"])
+def test_lightning_resume_continues_the_exact_lr_sequence(tmp_path, policy_path, save_on_train_epoch_end):
+    pytest.importorskip("pytorch_lightning", reason=LIGHTNING_MISSING)
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    full_lrs, full, _ = _lightning_run(tmp_path / "full", policy_path, max_epochs=4, total_epochs=4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_on_train_epoch_end=save_on_train_epoch_end)
+    first_lrs, first, _ = _lightning_run(tmp_path / "a", policy_path, max_epochs=2, total_epochs=4, callbacks=[ckpt])
+    # Lightning saved before its scheduler step of epoch 2 and skips that step when it resumes: the
+    # callback must make that decision, or everything after it is off by one decision.
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["lr_schedulers"][0]["last_epoch"] == 1
+    rest_lrs, resumed, _ = _lightning_run(tmp_path / "b", policy_path, max_epochs=4, total_epochs=4,
+                                          ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    _assert_changes_exactly_at(full_lrs, [4, 8, 12], full.history)
+    assert first_lrs + rest_lrs == full_lrs
+    assert resumed.history == full.history
+    assert resumed.get_last_lr() == full.get_last_lr()
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (lambda s: {"scheduler": s, "interval": "epoch"}, "reduce_on_plateau=False"),
+        (lambda s: {"scheduler": s, "interval": "step", "reduce_on_plateau": True, "monitor": "val_loss"}, "interval"),
+    ],
+    ids=["no-plateau-flag", "step-interval"],
+)
+def test_lightning_refuses_configs_that_would_never_pass_the_val_loss(tmp_path, policy_path, config, message):
+    with pytest.raises(ValueError, match=message):
+        _lightning_run(tmp_path, policy_path, max_epochs=1, scheduler_config=config)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hugging Face Trainer
+
+HF_MISSING = "transformers/accelerate are not installed: pip install 'lrcontrol[hf]'"
+HF_STEPS_PER_EPOCH = 4  # 64 samples, batches of 16
+
+
+class _PairDataset(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class _TinyRegressor(torch.nn.Module):
+    """What the Trainer needs from a model: forward(**batch) -> {"loss", "logits"}."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def forward(self, x, labels=None):
+        out = self.net(x)
+        return {"loss": None if labels is None else torch.nn.functional.mse_loss(out, labels), "logits": out}
+
+
+def _hf_trainer(tmp_path, policy_path, *, total_epochs=None, callbacks=(), **overrides):
+    """A Trainer on a tiny regression MLP; returns (trainer, per-step LRs, scheduler)."""
+    transformers = pytest.importorskip("transformers", reason=HF_MISSING)
+    pytest.importorskip("accelerate", reason=HF_MISSING)
+    from controller.integrations.hf import PolicySchedulerCallback
+
+    x, y = _regression_data(96, seed=1)
+    model = _TinyRegressor()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    lrs = _record_lrs(optimizer)
+    scheduler = PolicyScheduler(optimizer, total_epochs=total_epochs, policy=policy_path)
+    settings = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=16, per_device_eval_batch_size=32,
+        num_train_epochs=4, eval_strategy="epoch", logging_strategy="epoch", save_strategy="no",
+        report_to="none", use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    settings.update(overrides)
+    trainer = transformers.Trainer(
+        model=model, args=transformers.TrainingArguments(**settings),
+        train_dataset=_PairDataset(x[:64], y[:64]), eval_dataset=_PairDataset(x[64:], y[64:]),
+        optimizers=(optimizer, scheduler), callbacks=[*callbacks, PolicySchedulerCallback()],
+    )
+    return trainer, lrs, scheduler
+
+
+def test_hf_epoch_strategy_decides_once_per_evaluation(tmp_path, policy_path):
+    trainer, lrs, scheduler = _hf_trainer(tmp_path, policy_path, num_train_epochs=3)
+    trainer.train()
+    assert scheduler.total_epochs == 3  # deferred: one decision per planned evaluation
+    assert len(lrs) == 3 * HF_STEPS_PER_EPOCH  # and Trainer's step() after every optimizer step changed nothing:
+    _assert_changes_exactly_at(lrs, [4, 8], scheduler.history)
+    train_logs = [log for log in trainer.state.log_history if "loss" in log]
+    eval_logs = [log for log in trainer.state.log_history if "eval_loss" in log]
+    assert [h["train_loss"] for h in scheduler.history] == [log["loss"] for log in train_logs]
+    assert [h["val_loss"] for h in scheduler.history] == [log["eval_loss"] for log in eval_logs]
+    assert scheduler.get_last_lr()[0] == scheduler.history[-1]["lr"]
+    # the Trainer logs the LR its optimizer steps ran with
+    assert [log["learning_rate"] for log in train_logs] == [lrs[3], lrs[7], lrs[11]]
+
+
+def test_hf_steps_strategy_decides_at_each_evaluation_with_the_mean_logged_loss(tmp_path, policy_path):
+    trainer, lrs, scheduler = _hf_trainer(
+        tmp_path, policy_path, num_train_epochs=3, eval_strategy="steps", eval_steps=5, logging_strategy="steps",
+        logging_steps=2, logging_first_step=True, eval_on_start=True,
+    )
+    trainer.train()
+    # 12 steps, evaluations at 5, 10 and the last step (12); eval_on_start does not decide
+    assert scheduler.total_epochs == 3 and len(scheduler.history) == 3
+    _assert_changes_exactly_at(lrs, [5, 10], scheduler.history)
+    # logs at steps 1, 2, 4, 6, ..., 12: each decision reads the step-weighted mean of the losses
+    # logged since the previous one (steps 1-4, then 5-10, then 11-12)
+    logs = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
+    assert [step for step, _ in logs] == [1, 2, 4, 6, 8, 10, 12]
+    previous = 0
+    windows: dict[int, list[tuple[float, int]]] = {5: [], 10: [], 12: []}
+    for step, loss in logs:
+        windows[next(d for d in windows if step <= d)].append((loss, step - previous))
+        previous = step
+    for h, window in zip(scheduler.history, windows.values()):
+        expected = sum(loss * w for loss, w in window) / sum(w for _, w in window)
+        assert h["train_loss"] == pytest.approx(expected, rel=1e-12)
+    assert scheduler.history[0]["train_loss"] != pytest.approx(sum(loss for loss, _ in windows[5]) / 3)
+    trainer.evaluate()  # outside training: no decision
+    assert len(scheduler.history) == 3
+
+
+def test_hf_resume_from_checkpoint_continues_the_exact_lr_sequence(tmp_path, policy_path):
+    transformers = pytest.importorskip("transformers", reason=HF_MISSING)
+
+    class StopAfterTwoEpochs(transformers.TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if state.epoch >= 2:
+                control.should_training_stop = True  # an interruption: the plan stays 4 epochs
+
+    full, full_lrs, full_scheduler = _hf_trainer(tmp_path / "full", policy_path)
+    full.train()
+    first, first_lrs, _ = _hf_trainer(tmp_path / "run", policy_path, save_strategy="epoch",
+                                      callbacks=[StopAfterTwoEpochs()])
+    first.train()
+    checkpoint = tmp_path / "run" / f"checkpoint-{2 * HF_STEPS_PER_EPOCH}"
+    assert torch.load(checkpoint / "scheduler.pt", weights_only=True)["last_epoch"] == 2
+    resumed, rest_lrs, resumed_scheduler = _hf_trainer(tmp_path / "run", policy_path, save_strategy="epoch")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert len(first_lrs) == 2 * HF_STEPS_PER_EPOCH
+    _assert_changes_exactly_at(full_lrs, [4, 8, 12], full_scheduler.history)
+    assert first_lrs + rest_lrs == full_lrs
+    assert resumed_scheduler.history == full_scheduler.history
+    assert resumed_scheduler.total_epochs == 4
+
+
+def test_hf_refuses_runs_that_never_evaluate(tmp_path, policy_path):
+    trainer, _, _ = _hf_trainer(tmp_path, policy_path, eval_strategy="no")
+    with pytest.raises(ValueError, match="eval_strategy"):
+        trainer.train()
+
+
+def test_hf_warns_when_no_training_loss_was_logged_before_a_decision(tmp_path, policy_path):
+    trainer, _, scheduler = _hf_trainer(tmp_path, policy_path, num_train_epochs=1, logging_strategy="steps",
+                                        logging_steps=500)
+    with pytest.warns(RuntimeWarning, match="logging_steps <= eval_steps"):
+        trainer.train()
+    assert len(scheduler.history) == 1 and scheduler.history[0]["train_loss"] is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optional extras
+
+
+@pytest.mark.parametrize(
+    "module, library, extra",
+    [("controller.integrations.lightning", "pytorch_lightning", "lightning"),
+     ("controller.integrations.hf", "transformers", "hf")],
+)
+def test_integration_names_the_extra_to_install_when_its_library_is_missing(module, library, extra):
+    code = (
+        f"import sys\nsys.modules[{library!r}] = None  # as if not installed\n"
+        f"try:\n    import {module}\nexcept ImportError as err:\n    assert 'lrcontrol[{extra}]' in str(err), err\n"
+        "else:\n    raise SystemExit('imported without its library')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -1,0 +1,72 @@
+"""controller.plot_history: a PNG of what the scheduler decided."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from controller import PolicyNet, PolicyScheduler, plot_history, save_policy
+from controller.features import N_FEATURES
+
+ROOT = Path(__file__).resolve().parent.parent
+pytest.importorskip("matplotlib", reason="matplotlib is not installed: pip install matplotlib")
+
+
+@pytest.fixture
+def scheduler(tmp_path):
+    """Five decisions of a random policy, one of them on a NaN loss (a cut, no action)."""
+    torch.manual_seed(1234)
+    policy = save_policy(tmp_path / "p.safetensors", PolicyNet(N_FEATURES, hidden=(16,)))
+    optimizer = torch.optim.SGD(torch.nn.Linear(3, 1).parameters(), lr=0.1)
+    scheduler = PolicyScheduler(optimizer, total_epochs=5, policy=policy)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        for val in (1.0, 0.8, math.nan, 0.7, 0.65):
+            scheduler.step(val, train_loss=None if val == 0.8 else 0.9 * val)
+    return scheduler
+
+
+def test_plot_history_writes_a_small_png(scheduler, tmp_path):
+    path = plot_history(scheduler.history, tmp_path / "figs" / "history.png", title="tiny run")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (700, 600)
+    assert len(data) < 200_000
+    assert plot_history(scheduler, tmp_path / "again.png").read_bytes()[:8] == data[:8]  # the scheduler itself
+
+
+def test_plotted_lr_is_the_lr_each_epoch_ran_with(scheduler):
+    from controller.plotting import _history_figure
+
+    history = scheduler.history
+    ax_lr, ax_loss, ax_act = _history_figure(history).axes
+    x, y = ax_lr.lines[0].get_data()
+    assert list(x) == [0, 1, 2, 3, 4, 5]
+    assert list(y) == [0.1, *(h["lr"] for h in history)]
+    assert [h["epoch_lr"] for h in history[1:]] == [h["lr"] for h in history[:-1]]
+    cut_x, _ = ax_lr.lines[2].get_data()
+    assert list(cut_x) == [h["epoch"] for h in history if h["cut"]] and 3 in cut_x
+    val_x, val_y = ax_loss.lines[1].get_data()
+    assert list(val_x) == [1, 2, 3, 4, 5] and math.isnan(val_y[2]) and val_y[4] == 0.65
+    assert [bar.get_height() for bar in ax_act.patches] == [h["action"] or 0.0 for h in history]
+
+
+def test_plot_history_refuses_an_empty_history(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        plot_history([], tmp_path / "x.png")
+
+
+def test_plot_history_leaves_pyplot_and_its_backend_alone(scheduler, tmp_path):
+    (tmp_path / "history.json").write_text(json.dumps(scheduler.history))  # NaN survives as JSON's NaN
+    code = (
+        "import json, sys, controller\n"
+        f"controller.plot_history(json.loads(open({str(tmp_path / 'history.json')!r}).read()), "
+        f"{str(tmp_path / 'p.png')!r})\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    assert (tmp_path / "p.png").stat().st_size > 0
