@@ -34,6 +34,9 @@ class PolicyNet(nn.Module):
         torch.Size([1])
     """
 
+    obs_mean: Tensor
+    obs_std: Tensor
+
     def __init__(
         self,
         n_features: int,

@@ -35,7 +35,7 @@ def _as_float(value: Any, name: str) -> float | None:
 
 
 def _per_group(value: float | Sequence[float], n_groups: int, name: str) -> list[float]:
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * n_groups
+    values: list[Any] = list(value) if isinstance(value, (list, tuple)) else [value] * n_groups
     if len(values) != n_groups:
         raise ValueError(f"expected {n_groups} values for {name}, one per param group, got {len(values)}")
     out = [float(v) for v in values]
@@ -186,7 +186,7 @@ class PolicyScheduler(LRScheduler):
             return None
         return self._pending_train_sum / self._pending_train_weight
 
-    def get_lr(self) -> list[float]:
+    def get_lr(self) -> list[float | torch.Tensor]:
         """The current LRs: only a decision in :meth:`step` changes them."""
         return [float(group["lr"]) for group in self.optimizer.param_groups]
 
