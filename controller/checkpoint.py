@@ -105,16 +105,19 @@ def _parse(path: Path) -> tuple[dict[str, Any], bytes]:
             "it is a zip archive (a Stable-Baselines3 .zip?). SB3 zips hold pickled code and are never "
             "loaded here; convert one you trust with `python train_controller.py export RUN_DIR OUT`",
         )
-    if data[:1] == b"\x80" or data[:2] in (b"(d", b"(l", b"}q", b"]q"):
-        raise _refuse(path, "it looks like a Python pickle; pickles are never loaded (they can run code)")
+    looks_pickled = data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
     if len(data) < 8:
         raise _refuse(path, f"only {len(data)} bytes; truncated or empty")
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > _MAX_HEADER or 8 + header_len > len(data):
+        if looks_pickled or data[:2] in (b"(d", b"(l", b"}q", b"]q"):
+            raise _refuse(path, "it looks like a Python pickle; pickles are never loaded (they can run code)")
         raise _refuse(path, "the safetensors header is larger than the file: truncated or not a safetensors file")
     try:
         header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        if looks_pickled:
+            raise _refuse(path, "it looks like a Python pickle; pickles are never loaded (they can run code)") from None
         raise _refuse(path, f"the safetensors header is not valid JSON ({err})") from None
     if not isinstance(header, dict):
         raise _refuse(path, "the safetensors header is not a JSON object")
