@@ -9,7 +9,9 @@ scheduler at inference, so the policy learns with it rather than having it bolte
 
 1. Blow-up cut: if the validation loss is more than ``blowup_ratio`` × the best seen so far (or is
    not finite), the LR becomes at most ``cut_factor`` × its current value, whatever the policy said.
-2. Bounds: the LR stays within ``[min_ratio, max_ratio]`` × the initial LR.
+2. Hold: if the validation loss is more than ``hold_ratio`` × the best seen so far, the LR may not
+   rise (a policy never pushes harder on a run that is getting worse).
+3. Bounds: the LR stays within ``[min_ratio, max_ratio]`` × the initial LR.
 
 A finite blow-up (loss far above its best) hurts a user as much as a NaN; the cut stops a policy from
 pushing on through one.
@@ -36,6 +38,8 @@ class ActionConfig:
     """The cut fires when val loss > blowup_ratio × best val loss so far (or is not finite)."""
     cut_factor: float = 0.25
     """On a cut, lr ← min(policy's lr, cut_factor · current lr)."""
+    hold_ratio: float = 1.25
+    """While val loss > hold_ratio × best val loss so far, the LR may not increase."""
 
     def __post_init__(self) -> None:
         if not (self.scale > 0 and math.isfinite(self.scale)):
@@ -48,6 +52,8 @@ class ActionConfig:
             raise ValueError(f"blowup_ratio must be > 1, got {self.blowup_ratio}")
         if not 0 < self.cut_factor < 1:
             raise ValueError(f"cut_factor must be in (0, 1), got {self.cut_factor}")
+        if not 1 < self.hold_ratio <= self.blowup_ratio:
+            raise ValueError(f"need 1 < hold_ratio <= blowup_ratio, got {self.hold_ratio}, {self.blowup_ratio}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "exp2", **asdict(self)}
@@ -106,5 +112,7 @@ def next_lr(
     cut = is_blowup(val_loss, best_val_loss, config)
     if cut:
         proposed = min(proposed, lr * config.cut_factor)
+    elif best_val_loss is not None and val_loss > config.hold_ratio * best_val_loss:
+        proposed = min(proposed, lr)
     lo, hi = initial_lr * config.min_ratio, initial_lr * config.max_ratio
     return min(max(proposed, lo), hi), cut

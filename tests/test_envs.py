@@ -142,3 +142,14 @@ def test_bad_reset_options_and_config_are_refused():
         env.reset(seed=0, options={"famliy": "digits_mlp"})
     with pytest.raises(ValueError, match="unknown task family"):
         EnvConfig(families=("not_a_family",))
+
+
+def test_budget_is_terminal_for_rl_training():
+    env = make_env("breast_cancer_mlp", budget_is_terminal=True)
+    env.reset(seed=0)
+    done = False
+    while not done:
+        _, _, terminated, truncated, info = env.step(np.zeros(1, dtype=np.float32))
+        assert not truncated
+        done = terminated
+    assert info["epoch"] == env.episode.task.epochs and not info["diverged"]

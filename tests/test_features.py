@@ -137,6 +137,10 @@ def test_action_map_and_safety_rule():
     assert lr_factor(1.0) == 2.0 and lr_factor(-1.0) == 0.5 and lr_factor(7.0) == 2.0 and lr_factor(math.nan) == 1.0
     lr, cut = next_lr(1e-3, 1e-3, 1.0, val_loss=1.0, best_val_loss=0.9, config=cfg)
     assert lr == pytest.approx(2e-3) and not cut
+    lr, cut = next_lr(1e-3, 1e-3, 1.0, val_loss=1.3, best_val_loss=1.0, config=cfg)
+    assert lr == pytest.approx(1e-3) and not cut  # hold: no rise while 30 % above the best
+    lr, cut = next_lr(1e-3, 1e-3, -1.0, val_loss=1.3, best_val_loss=1.0, config=cfg)
+    assert lr == pytest.approx(5e-4)  # a cut is still allowed
     lr, cut = next_lr(1e-3, 1e-3, 1.0, val_loss=3.0, best_val_loss=1.0, config=cfg)
     assert cut and lr == pytest.approx(1e-3 * cfg.cut_factor)
     lr, cut = next_lr(1e-3, 1e-3, 0.0, val_loss=math.nan, best_val_loss=1.0, config=cfg)
