@@ -311,7 +311,7 @@ def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
 
 def make_vec_env(cfg: TrainConfig) -> VecEnv:
     """``cfg.n_envs`` monitored LRControl-v0 envs (subprocesses when more than one)."""
-    env_config = EnvConfig(families=cfg.families, device=cfg.device)
+    env_config = EnvConfig(families=cfg.families, device=cfg.device, budget_is_terminal=True)
     fns = [lambda: Monitor(LRControlEnv(env_config)) for _ in range(cfg.n_envs)]
     if cfg.n_envs == 1:
         return DummyVecEnv(fns)

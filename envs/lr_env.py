@@ -36,6 +36,9 @@ class EnvConfig:
     """A finite val loss above explode_ratio × the untrained model's val loss counts as divergence."""
     lr_multiplier: float | None = None
     """Initial LR = family default × this; None draws it log-uniformly over three decades."""
+    budget_is_terminal: bool = False
+    """Report the end of the epoch budget as ``terminated`` instead of ``truncated``. For RL training: the
+    budget is part of the task (observed as ``progress``), so nothing should be bootstrapped past it."""
     reward: Literal["log_val", "vs_cosine"] = "log_val"
     """"log_val": r = Δ ln val loss. "vs_cosine": the same minus cosine annealing's Δ on the same task and seed
     (a reference run per episode, twice the compute): the return becomes ln(cosine's final val / the policy's)."""
@@ -132,10 +135,11 @@ class Episode:
         assert self.prev_val is not None
         reward = math.log(self.prev_val) - math.log(result.val_loss) - self._reference_gain()
         self.prev_val = result.val_loss
-        truncated = self.epoch >= self.task.epochs
+        done = self.epoch >= self.task.epochs
         reward = float(np.clip(reward, -50.0, 50.0))
         self.episode_return += reward
-        return obs, reward, False, truncated, self.info(result, lr)
+        terminal = done and self.config.budget_is_terminal
+        return obs, reward, terminal, done and not terminal, self.info(result, lr)
 
     def _reference_gain(self) -> float:
         """ln(c_{t-1} / c_t) of the cosine reference (0 for "log_val", or once the reference diverged)."""
@@ -202,7 +206,7 @@ class LRControlEnv(gym.Env):
     Terminated when a loss is non-finite or the validation loss exceeds ``explode_ratio`` (10) × the
     untrained model's (divergence); when that happens in the first epoch, the first step ends the
     episode with the penalty. Truncated when the epoch budget is used up (an episode of budget E has E-1
-    steps). Never raises for a bad LR, never emits NaN or inf in observations or rewards.
+    steps; terminated instead with ``EnvConfig(budget_is_terminal=True)``). Never raises for a bad LR, never emits NaN or inf in observations or rewards.
 
     ## Arguments
     ``gymnasium.make("LRControl-v0", config=EnvConfig(...))``. ``reset(seed=..., options=...)``
