@@ -138,26 +138,24 @@ def test_stacked_optimizer_matches_torch_runs(optimizer):
     run_both([replace(base, seed=s) for s in range(3)], optimizer_impl="stacked")
 
 
-def test_replaced_run_matches_a_fresh_torch_run():
-    """A slot given a new task mid-way (auto-reset) trains like a fresh run, with its own sampling schedule.
+@pytest.mark.parametrize("optimizer_impl", ["fused", "stacked"])
+def test_replaced_run_matches_a_fresh_torch_run(optimizer_impl):
+    """A slot given a new, untrained task mid-way trains like a fresh run, with its own sampling schedule.
 
     94 steps per epoch: a run past its first epoch samples every 2nd gradient norm and a probe pair
     every 23 steps, a fresh run every norm and a pair every 8 steps — both within one batch.
     """
     base = small_task("mnist1d_mlp", "adam", depth=1, batch_size=32)
     tasks = [replace(base, seed=s, optimizer=o) for s, o in enumerate(OPTIMIZERS)]
-    batch = BatchedMLPRun(tasks)
+    batch = BatchedMLPRun(tasks, optimizer_impl=optimizer_impl)
     refs = [TorchRun(t) for t in tasks]
     batch.run_epoch()
     for ref in refs:
         ref.run_epoch()
-    new_task = replace(base, seed=10, optimizer="sgd", lr=0.05)
-    nursery = BatchedMLPRun([new_task])
-    nursery.run_epoch()
-    batch.replace([1], nursery)
+    new_task = replace(base, seed=10, optimizer="adamw", lr=3e-3)  # fresh optimizer state and step count
+    batch.replace([1], BatchedMLPRun([new_task], optimizer_impl=optimizer_impl))
     refs[1] = TorchRun(new_task)
-    refs[1].run_epoch()
-    assert batch.configs[1] == new_task and batch.lrs[1] == 0.05
+    assert batch.configs[1] == new_task and batch.lrs[1] == 3e-3
     for epoch in range(2):
         got = batch.run_epoch()
         for i, ref in enumerate(refs):
