@@ -20,7 +20,8 @@ The three are timed in interleaved rounds (one step of each per round, medians r
 from other processes on a shared machine hits them alike. Budgets are long enough that no episode
 ends while timing (steady state); the PPO section below includes resets. Last, end-to-end PPO
 (SB3, default MlpPolicy) env-steps per second for a short run on the batchable training families,
-through ``make_vec_env`` (batched) and through per-env ``LRControlEnv`` slots.
+through ``make_vec_env`` (batched) and through per-env ``LRControlEnv`` slots, with the mean inner
+work per env step of each (their sampled tasks differ; a short run draws few of them).
 
 Ends with the machine-readable lines ``env_step_ms_median <value>`` (median over families),
 ``batched_vs_separate_n32 <ratio>`` and ``batched_vs_naive_n32 <ratio>`` (model-epochs/s ratios).
@@ -33,6 +34,7 @@ Usage: ``python bench/env_throughput.py [--families a,b] [--steps 8] [--threads 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -42,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -141,22 +144,51 @@ def batched_row(family: str, n: int, steps: int, device: str) -> tuple[float, fl
     return n / med["batched"], n / med["separate"], 1.0 / med["naive"]
 
 
-def ppo_env_steps_per_s(batched: bool, n_envs: int, total_steps: int, device: str) -> tuple[float, int]:
-    """End-to-end PPO env-steps/s on the batchable training families, batched or per-env; and episodes ended."""
+@functools.lru_cache(maxsize=None)
+def _task_work(family: str, width: int, depth: int) -> float:
+    """Inner work of one epoch, in training samples × model parameters (∝ FLOPs of an MLP epoch)."""
+    fam = get_family(family)
+    n_params = sum(p.numel() for p in fam.model(width, depth).parameters())
+    return float(fam.data().x_train.shape[0] * n_params)
+
+
+class _WorkMeter(BaseCallback):
+    """Sums the inner work of every env step PPO takes (the tasks differ between the two runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.work = 0.0
+
+    def _on_step(self) -> bool:
+        for episode in self.training_env.get_attr("episode"):
+            task = episode.task
+            self.work += _task_work(task.family, task.width, task.depth)
+        return True
+
+
+def ppo_env_steps_per_s(batched: bool, n_envs: int, total_steps: int, device: str) -> tuple[float, float, int]:
+    """End-to-end PPO on the batchable training families, batched or per-env.
+
+    Returns env-steps/s, mean inner work per env step (samples × parameters) and episodes ended.
+    A short run draws few tasks, so the batched side mixes shapes (batches of 8, a new shape every
+    32 epochs) and the work per step is reported to show how alike the two runs' tasks were.
+    """
     families = tuple(f for f in TRAIN_FAMILIES if is_batchable(f))
     config = EnvConfig(families=families, num_threads=None, device=device)
     if batched:
-        venv = make_vec_env(families, n_envs, config, seed=0)
+        venv = make_vec_env(families, n_envs, config, seed=0, batch_config=BatchConfig(runs_per_batch=8,
+                                                                                        reshape_every=32))
     else:
         venv = VecMonitor(DummyVecEnv([lambda: LRControlEnv(config) for _ in range(n_envs)]))
         venv.seed(0)
     model = PPO("MlpPolicy", venv, n_steps=max(2048 // n_envs, 8), batch_size=256, n_epochs=4, seed=0, device="cpu")
+    meter = _WorkMeter()
     t0 = time.perf_counter()
-    model.learn(total_timesteps=total_steps)
+    model.learn(total_timesteps=total_steps, callback=meter)
     elapsed = time.perf_counter() - t0
     venv.close()
     assert isinstance(venv, VecMonitor)
-    return model.num_timesteps / elapsed, venv.episode_count
+    return model.num_timesteps / elapsed, meter.work / model.num_timesteps, venv.episode_count
 
 
 def main() -> None:
@@ -199,10 +231,15 @@ def main() -> None:
 
     if args.ppo_steps:
         print(f"\nEnd-to-end PPO, {args.ppo_envs} envs, {args.ppo_steps} env steps, batchable training families:")
+        print(f"  {'':24s} {'env-steps/s':>11s} {'work/step':>10s} {'episodes':>9s}   (work: M samples x params)")
+        rates = {}
         for batched in (True, False):
-            rate, episodes = ppo_env_steps_per_s(batched, args.ppo_envs, args.ppo_steps, args.device)
+            rate, work, episodes = ppo_env_steps_per_s(batched, args.ppo_envs, args.ppo_steps, args.device)
+            rates[batched] = (rate, work)
             name = "batched (make_vec_env)" if batched else "per-env (DummyVecEnv)"
-            print(f"  {name:24s} {rate:8.1f} env-steps/s   ({episodes} episodes finished)", flush=True)
+            print(f"  {name:24s} {rate:11.1f} {work / 1e6:10.1f} {episodes:9d}", flush=True)
+        (rb, wb), (rs, ws) = rates[True], rates[False]
+        print(f"  batched / per-env: {rb / rs:.2f}x env-steps/s, {rb * wb / (rs * ws):.2f}x inner work/s")
 
     if env_ms_all:
         print(f"\nenv_step_ms_median {statistics.median(env_ms_all):.3f}")
