@@ -284,6 +284,7 @@ class BatchedMLPRun:
         self._snapshots = (torch.empty_like(self.params), torch.empty_like(self.params))  # probe pair starts
         self._calls: list[tuple[Callable[..., None], tuple[list[Tensor], ...], dict[str, Any]]] | None = None
         self._buffers: dict[str, Tensor] = {}
+        self._columns: dict[str, Tensor] | None = None
 
     # ---- per-run state ---------------------------------------------------------------------------
 
@@ -301,7 +302,7 @@ class BatchedMLPRun:
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be positive and finite, got {lr}")
         self._lrs[index] = float(lr)
-        self._calls = None
+        self._calls = self._columns = None
 
     def _generator(self, config: TaskConfig) -> torch.Generator:
         generator = torch.Generator(device=self.device)
@@ -330,7 +331,7 @@ class BatchedMLPRun:
             self.generators[i] = source.generators[k]
             self._previous_steps[i] = source._previous_steps[k]
             self._pending[i] = None
-        self._calls = None
+        self._calls = self._columns = None
 
     # ---- the computation -------------------------------------------------------------------------
 
@@ -448,39 +449,50 @@ class BatchedMLPRun:
                 kwargs["is_first_step"] = t == 1  # torch.optim.SGD's first step copies the gradient
             kernel(*tensors, **kwargs)
 
+    def _stacked_columns(self) -> dict[str, Tensor]:
+        """Per-run constants of the stacked update as ``(N, 1)`` float64 columns on the device."""
+        names = ("a", "c", "d", "lr", "beta2", "c2", "eps", "adaptive")
+        values: dict[str, list[float]] = {name: [] for name in names}
+        for config, lr in zip(self.configs, self._lrs):
+            hp = _optimizer_defaults(config.optimizer)
+            if config.optimizer == "sgd":
+                row = (hp["momentum"], 1.0, 1.0, lr, 0.0, 0.0, 1.0, 0.0)
+            else:
+                b1, b2 = hp["betas"]
+                decay = 1.0 - lr * hp["weight_decay"] if config.optimizer == "adamw" else 1.0
+                row = (b1, 1.0 - b1, decay, lr, b2, 1.0 - b2, hp["eps"], 1.0)
+            for name, value in zip(names, row):
+                values[name].append(value)
+        return {name: torch.tensor(v, dtype=torch.float64, device=self.device).unsqueeze(-1)
+                for name, v in values.items()}
+
     def _stacked_step(self) -> None:
         # One update for every row:  m ← a·m + c·g;  v ← β2·v + (1-β2)·g²;
         #   p ← d·p − k·m / denom,  denom = √v / √(1-β2^t) + ε (Adam rows) or 1 (SGD rows).
         # SGD: a = momentum, c = 1, d = 1, k = lr.   Adam: a = β1, c = 1-β1, d = 1 - lr·wd (AdamW), k = lr/(1-β1^t).
-        kinds = [c.optimizer for c in self.configs]
-        adaptive = [kind != "sgd" for kind in kinds]
-        columns: list[list[float]] = [[] for _ in range(8)]  # a, c, d, k, β2, 1-β2, 1/√(1-β2^t), ε
-        for kind, lr, t in zip(kinds, self._lrs, self._host_steps):
-            hp = _optimizer_defaults(kind)
-            if kind == "sgd":
-                row = [hp["momentum"], 1.0, 1.0, lr, 0.0, 0.0, 0.0, 1.0]
-            else:
-                b1, b2 = hp["betas"]
-                decay = 1.0 - lr * hp["weight_decay"] if kind == "adamw" else 1.0
-                row = [b1, 1.0 - b1, decay, lr / (1.0 - b1**t), b2, 1.0 - b2, 1.0 / math.sqrt(1.0 - b2**t), hp["eps"]]
-            for column, value in zip(columns, row):
-                column.append(value)
-        cols = torch.tensor(columns, dtype=torch.float32, device=self.device).unsqueeze(-1)  # one copy per step
-        a, c, d, k, b2, c2, inv_bc2, eps = cols.unbind(0)
+        # The constants stay on the device and the bias corrections are computed there, so a step
+        # never waits for a host → device copy.
+        if self._columns is None:
+            self._columns = self._stacked_columns()
+        col = self._columns
+        kinds = {c.optimizer for c in self.configs}
+        t = self.steps.double().unsqueeze(-1)
+        f32 = lambda x: x.to(torch.float32)  # noqa: E731
         p, g, m, v = self.params, self.grads, self.exp_avg, self.exp_avg_sq
-        m.mul_(a).addcmul_(g, c)
+        m.mul_(f32(col["a"])).addcmul_(g, f32(col["c"]))
         if "adamw" in kinds:
-            p.mul_(d)
-        if any(adaptive):
-            v.mul_(b2).addcmul_(g * g, c2)
-            denom = torch.sqrt(v).mul_(inv_bc2).add_(eps)
-            if not all(adaptive):
-                # SGD rows divide by exactly 1 (and never by a non-finite √v).
-                is_adaptive = torch.tensor(adaptive, device=self.device).unsqueeze(-1)
-                denom = torch.where(is_adaptive, denom, 1.0)
-            p.addcdiv_(m * k, denom, value=-1.0)
-        else:
-            p.addcmul_(m, k, value=-1.0)
+            p.mul_(f32(col["d"]))
+        if kinds == {"sgd"}:
+            p.addcmul_(m, f32(col["lr"]), value=-1.0)
+            return
+        adaptive = col["adaptive"].bool()
+        k = torch.where(adaptive, col["lr"] / (1.0 - col["a"] ** t), col["lr"])
+        inv_bc2 = torch.where(adaptive, torch.rsqrt(1.0 - col["beta2"] ** t), 0.0)
+        v.mul_(f32(col["beta2"])).addcmul_(g * g, f32(col["c2"]))
+        denom = torch.sqrt(v).mul_(f32(inv_bc2)).add_(f32(col["eps"]))
+        if "sgd" in kinds:
+            denom = torch.where(adaptive, denom, 1.0)  # SGD rows divide by exactly 1 (never by a non-finite √v)
+        p.addcdiv_(m * f32(k), denom, value=-1.0)
 
     @torch.no_grad()
     def run_epoch(self) -> list[EpochResult]:
