@@ -59,6 +59,8 @@ BATCHABLE_FAMILIES: tuple[str, ...] = (
 them needs grouped convolutions or per-run recurrent kernels, for a smaller share of the suite."""
 
 OptimizerImpl = Literal["auto", "fused", "stacked"]
+_FusedCall = tuple[Callable[..., None], tuple[list[Tensor], ...], dict[str, Any]]
+"""A fused optimizer kernel, its tensor lists and its keyword arguments."""
 
 def is_batchable(family: str) -> bool:
     """Whether ``family`` can be trained by :class:`BatchedMLPRun` (see :data:`BATCHABLE_FAMILIES`)."""
@@ -282,7 +284,7 @@ class BatchedMLPRun:
         self._step_rows = list(self.steps.unbind(0))
         self._pending: list[EpochResult | None] = [None] * n  # results not yet read through slot()
         self._snapshots = (torch.empty_like(self.params), torch.empty_like(self.params))  # probe pair starts
-        self._calls: list[tuple[Callable[..., None], tuple[list[Tensor], ...], dict[str, Any]]] | None = None
+        self._calls: list[_FusedCall] | None = None
         self._buffers: dict[str, Tensor] = {}
         self._columns: dict[str, Tensor] | None = None
 
@@ -419,13 +421,13 @@ class BatchedMLPRun:
         else:
             self._stacked_step()
 
-    def _fused_calls(self) -> list[tuple[Callable[..., None], tuple[list[Tensor], ...], dict[str, Any]]]:
+    def _fused_calls(self) -> list[_FusedCall]:
         """Per run: torch's fused kernel for its optimizer, its row's tensors and its hyperparameters.
 
         ``torch.optim``'s fused path calls these kernels once per optimizer; calling them once per
         run with the run's LR and step count is the same arithmetic on the run's row.
         """
-        calls = []
+        calls: list[_FusedCall] = []
         for i, config in enumerate(self.configs):
             p, g, m, v = self._param_rows[i], self._grad_rows[i], self._exp_avg_rows[i], self._exp_avg_sq_rows[i]
             hp = _optimizer_defaults(config.optimizer)
@@ -436,7 +438,8 @@ class BatchedMLPRun:
             else:
                 kernel = torch._fused_adamw_ if config.optimizer == "adamw" else torch._fused_adam_
                 beta1, beta2 = hp["betas"]
-                calls.append((kernel, ([p], [g], [m], [v], [], [self._step_rows[i]]),
+                no_amsgrad: list[Tensor] = []
+                calls.append((kernel, ([p], [g], [m], [v], no_amsgrad, [self._step_rows[i]]),
                               {"amsgrad": False, "lr": self._lrs[i], "beta1": beta1, "beta2": beta2,
                                "weight_decay": hp["weight_decay"], "eps": hp["eps"], "maximize": False}))
         return calls
