@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
 
@@ -58,10 +59,10 @@ def assert_same_evaluation(got, want):
         assert got[1] == pytest.approx(want[1], abs=1e-6)
 
 
-def run_both(tasks, epochs=EPOCHS, optimizer_impl="auto", lr_changes=None):
+def run_both(tasks, epochs=EPOCHS, optimizer_impl="auto", lr_changes=None, device="cpu"):
     """Train ``tasks`` batched and one by one; compare every run's every epoch."""
-    batch = BatchedMLPRun(tasks, optimizer_impl=optimizer_impl)
-    refs = [TorchRun(t) for t in tasks]
+    batch = BatchedMLPRun(tasks, device, optimizer_impl=optimizer_impl)
+    refs = [TorchRun(t, device) for t in tasks]
     for (loss, acc), ref in zip(batch.evaluate(), refs):
         assert_same_evaluation((loss, acc), ref.evaluate())
     results = []
@@ -136,6 +137,17 @@ def test_mixed_optimizers_in_one_batch_match_torch_runs(family, optimizer_impl):
 def test_stacked_optimizer_matches_torch_runs(optimizer):
     base = small_task("blobs_mlp", optimizer)
     run_both([replace(base, seed=s) for s in range(3)], optimizer_impl="stacked")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("optimizer_impl", ["stacked", "fused"])
+@pytest.mark.parametrize("family", BATCHABLE_FAMILIES)
+def test_batched_runs_match_torch_runs_on_cuda(family, optimizer_impl):
+    """All runs resident on one GPU: SGD, Adam and AdamW side by side match TorchRun on the same GPU."""
+    tasks = [replace(small_task(family, o, seed=i), lr=get_family(family).default_lr(o) * m)
+             for i, (o, m) in enumerate(zip(OPTIMIZERS + OPTIMIZERS, (1.0, 3.0, 0.3, 0.5, 1.0, 2.0)))]
+    batch, _, _ = run_both(tasks, optimizer_impl=optimizer_impl, lr_changes={1: {0: 2.0, 4: 0.5}}, device="cuda")
+    assert batch.params.is_cuda and batch.optimizer_impl == optimizer_impl
 
 
 @pytest.mark.parametrize("optimizer_impl", ["fused", "stacked"])
