@@ -48,7 +48,7 @@ from controller.features import CLIP, N_FEATURES
 from controller.signals import StepStats, probe_values, sampling_intervals, summarize_grad_norms
 from envs.inner import EVAL_CHUNK, EpochResult, InnerRun
 from envs.lr_env import EnvConfig, Episode, LRControlEnv, resolve_device
-from envs.tasks import TaskConfig, _data_on, get_family, make_optimizer
+from envs.tasks import TRAIN_FAMILIES, TaskConfig, _data_on, get_family, make_optimizer
 
 BATCHABLE_FAMILIES: tuple[str, ...] = (
     "digits_mlp", "friedman_mlp", "breast_cancer_mlp", "teacher_mlp",  # training families
@@ -680,7 +680,8 @@ class LRControlVecEnv(VecEnv):
     the returned observation is the first of the slot's next episode (its info in ``reset_infos``).
 
     ## Arguments
-    ``LRControlVecEnv(n_envs, config=EnvConfig(families=...), batch_config=BatchConfig())``.
+    ``LRControlVecEnv(n_envs, config=EnvConfig(families=...), batch_config=BatchConfig())``; the
+    default config draws from the batchable training families.
     ``seed(s)`` then ``reset()`` is reproducible. ``set_options`` takes per-slot reset options as
     ``LRControlEnv.reset`` does (``family``, ``task``, ``lr_multiplier``); the slots of one batch must
     agree on the family, and their ``task`` options on the shape. ``get_attr("episode")`` reads the
@@ -701,7 +702,8 @@ class LRControlVecEnv(VecEnv):
             raise ValueError(f"n_envs must be >= 1, got {n_envs}")
         if render_mode is not None:
             raise ValueError(f"LRControlVecEnv renders nothing; render_mode must be None, got {render_mode!r}")
-        self.config = config or EnvConfig(families=BATCHABLE_FAMILIES)
+        # Like LRControlEnv, train on training families only unless told otherwise.
+        self.config = config or EnvConfig(families=tuple(f for f in TRAIN_FAMILIES if f in BATCHABLE_FAMILIES))
         self.batch_config = batch_config or BatchConfig()
         unbatchable = [f for f in self.config.families if not is_batchable(f)]
         if unbatchable:

@@ -338,6 +338,7 @@ def test_seeded_reset_is_reproducible():
 
 
 def test_vec_env_api_and_refusals():
+    assert LRControlVecEnv(1).config.families == ("digits_mlp", "friedman_mlp", "breast_cancer_mlp", "teacher_mlp")
     config = EnvConfig(families=("diabetes_mlp",))
     venv = LRControlVecEnv(2, config)
     with pytest.raises(RuntimeError, match="reset"):
