@@ -169,7 +169,7 @@ class _EpochSignals:
         ending = self.pending
         if any(ending):
             # A few rows at a time: probe_values' (rows, P) temporaries then stay small, which spares
-            # the page faults of fresh multi-megabyte allocations (a third of the cost on a CPU).
+            # the page faults of fresh multi-megabyte allocations (thousands per epoch, seen on a CPU).
             rows = max(1, _PROBE_CHUNK // grads.shape[1])
             parts = [probe_values(self._grad_prev[i : i + rows], grads[i : i + rows], self._weight_prev[i : i + rows],
                                   params[i : i + rows]) for i in range(0, grads.shape[0], rows)]
@@ -321,7 +321,8 @@ class BatchedMLPRun:
         if len(indices) != source.n_runs:
             raise ValueError(f"{len(indices)} indices for {source.n_runs} runs")
         if source.shape != self.shape or source.device != self.device:
-            raise ValueError(f"cannot move runs of {source.shape} on {source.device} into {self.shape} on {self.device}")
+            raise ValueError(f"cannot move runs of {source.shape} on {source.device} "
+                             f"into {self.shape} on {self.device}")
         rows = torch.tensor(list(indices), device=self.device)
         for dst, src in ((self.params, source.params), (self.exp_avg, source.exp_avg),
                          (self.exp_avg_sq, source.exp_avg_sq), (self.steps, source.steps)):
@@ -371,8 +372,8 @@ class BatchedMLPRun:
         return F.mse_loss(out, target, reduction="none").flatten(1).mean(1)
 
     def _workspace(self, name: str, *shape: int) -> Tensor:
-        """A preallocated buffer viewed as ``shape`` (the hot loop allocates nothing large: fresh
-        multi-megabyte allocations can cost page faults, up to a third of an epoch on a CPU)."""
+        """A preallocated buffer viewed as ``shape``. The hot loop allocates nothing large: fresh
+        multi-megabyte allocations page-fault (thousands of faults per epoch were seen on a CPU)."""
         size = math.prod(shape)
         buffer = self._buffers.get(name)
         if buffer is None or buffer.numel() < size:
@@ -380,7 +381,10 @@ class BatchedMLPRun:
         return buffer[:size].view(shape)
 
     def _train_step(self, x: Tensor, y: Tensor, idx: Tensor) -> Tensor:
-        """Forward and backward on mini-batches ``x[idx]`` ``(N, batch)``; fills ``self.grads``, returns the losses ``(N,)``.
+        """Forward and backward on mini-batches ``x[idx]``, ``idx`` ``(N, batch)``; fills ``self.grads``.
+
+        Returns:
+            The per-run mean losses ``(N,)``.
 
         The backward pass is written out (an MLP's is short): each weight gradient is one batched
         matmul straight into the run's rows of ``self.grads`` — no autograd graph, no gradient
