@@ -383,12 +383,12 @@ class BatchedMLPRun:
     def _train_step(self, x: Tensor, y: Tensor, idx: Tensor) -> Tensor:
         """Forward and backward on mini-batches ``x[idx]``, ``idx`` ``(N, batch)``; fills ``self.grads``.
 
-        Returns:
-            The per-run mean losses ``(N,)``.
-
         The backward pass is written out (an MLP's is short): each weight gradient is one batched
         matmul straight into the run's rows of ``self.grads`` — no autograd graph, no gradient
         accumulation pass. Row i only ever reads run i's values.
+
+        Returns:
+            The per-run mean losses ``(N,)``.
         """
         n, batch = idx.shape
         inputs = torch.index_select(x, 0, idx.reshape(-1), out=self._workspace("x", n * batch, x.shape[1]))
