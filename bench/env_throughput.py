@@ -9,26 +9,57 @@ measures on the same thread count:
   ``torch.utils.data.DataLoader`` over a ``TensorDataset`` — plus a DataLoader validation pass;
 - inner training samples per second through the env, and the ratio naive / env.
 
-Ends with the machine-readable line ``env_step_ms_median <value>`` (median over families).
+Then the batched section (``envs.batched``): model-epochs per second for N = 8, 32, 128 runs of one
+family's default task (seeds 0..N-1) through
 
-Usage: ``python bench/env_throughput.py [--families a,b] [--steps 8] [--threads 1]``
+- ``batched``: one :class:`envs.batched.LRControlVecEnv` of N slots (one batched epoch per step);
+- ``separate``: N ``LRControlEnv`` in an SB3 ``DummyVecEnv`` (N epochs one after another per step);
+- ``naive``: the DataLoader loop above, one model-epoch at a time.
+
+The three are timed in interleaved rounds (one step of each per round, medians reported), so load
+from other processes on a shared machine hits them alike. Budgets are long enough that no episode
+ends while timing (steady state); the PPO section below includes resets. Last, end-to-end PPO
+(SB3, default MlpPolicy) env-steps per second for a short run on the batchable training families,
+through ``make_vec_env`` (batched) and through per-env ``LRControlEnv`` slots, with the mean inner
+work per env step of each (their sampled tasks differ; a short run draws few of them).
+
+Ends with the machine-readable lines ``env_step_ms_median <value>`` (median over families),
+``batched_vs_separate_n32 <ratio>`` and ``batched_vs_naive_n32 <ratio>`` (model-epochs/s ratios).
+
+Usage: ``python bench/env_throughput.py [--families a,b] [--steps 8] [--threads 1] [--device cpu]
+[--batched-family digits_mlp] [--batched-n 8,32,128] [--ppo-steps 4096] [--ppo-envs 32]``
+(``--families ''`` skips the per-family table, ``--ppo-steps 0`` the PPO run.)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import envs  # noqa: E402
-from envs import FAMILIES, EnvConfig, LRControlEnv, build_task, get_family  # noqa: E402
+from envs import FAMILIES, TRAIN_FAMILIES, EnvConfig, LRControlEnv, build_task, get_family  # noqa: E402
+from envs.batched import BatchConfig, LRControlVecEnv, is_batchable, make_vec_env  # noqa: E402
+
+LONG_BUDGET = 10_000
+"""Epoch budget of the timed tasks: no episode ends while timing."""
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def env_step_ms(family: str, steps: int) -> tuple[float, int]:
@@ -45,24 +76,33 @@ def env_step_ms(family: str, steps: int) -> tuple[float, int]:
     return 1e3 * statistics.median(times), n_train
 
 
-def naive_epoch_ms(family: str, steps: int) -> float:
-    task = build_task(get_family(family).default_task(seed=0))
-    data, model, opt = task.data, task.model, task.optimizer
+def naive_epoch(family: str, device: str = "cpu"):
+    """One textbook epoch of the family's default task: a shuffling DataLoader over CPU tensors, each
+    batch moved to ``device``, then a DataLoader validation pass. Returns the epoch as a callable."""
+    task = build_task(get_family(family).default_task(seed=0), device)
+    cpu = task.data.to(torch.device("cpu"))
+    model, opt = task.model, task.optimizer
     train = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(data.x_train, data.y_train), batch_size=task.config.batch_size, shuffle=True
+        torch.utils.data.TensorDataset(cpu.x_train, cpu.y_train), batch_size=task.config.batch_size, shuffle=True
     )
-    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x_val, data.y_val), batch_size=256)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(cpu.x_val, cpu.y_val), batch_size=256)
 
     def epoch() -> None:
         model.train()
         for xb, yb in train:
+            xb, yb = xb.to(device), yb.to(device)
             opt.zero_grad()
             task.loss(model(xb), yb).backward()
             opt.step()
         model.eval()
         with torch.no_grad():
-            sum(task.loss(model(xb), yb).item() * len(xb) for xb, yb in val)
+            sum(task.loss(model(xb.to(device)), yb.to(device)).item() * len(xb) for xb, yb in val)
 
+    return epoch
+
+
+def naive_epoch_ms(family: str, steps: int) -> float:
+    epoch = naive_epoch(family)
     epoch()
     times = []
     for _ in range(steps):
@@ -72,24 +112,139 @@ def naive_epoch_ms(family: str, steps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def batched_row(family: str, n: int, steps: int, device: str) -> tuple[float, float, float]:
+    """Model-epochs per second: (batched VecEnv, separate envs, naive loop), timed in interleaved rounds."""
+    config = EnvConfig(families=(family,), num_threads=None, device=device)
+    base = replace(get_family(family).default_task(seed=0), epochs=LONG_BUDGET)
+    options = [{"task": replace(base, seed=seed)} for seed in range(n)]
+    batched = LRControlVecEnv(n, config, BatchConfig(reshape_every=None))
+    separate = DummyVecEnv([lambda: LRControlEnv(config) for _ in range(n)])
+    for venv in (batched, separate):
+        venv.set_options(options)
+        venv.reset()
+    naive = naive_epoch(family, device)
+    actions = np.zeros((n, 1), dtype=np.float32)
+    timers = {
+        "batched": lambda: batched.step(actions),
+        "separate": lambda: separate.step(actions),
+        "naive": naive,
+    }
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    for round_ in range(steps + 1):  # round 0 warms up
+        for name, fn in timers.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if round_:
+                times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    batched.close()
+    separate.close()
+    return n / med["batched"], n / med["separate"], 1.0 / med["naive"]
+
+
+@functools.lru_cache(maxsize=None)
+def _task_work(family: str, width: int, depth: int) -> float:
+    """Inner work of one epoch, in training samples × model parameters (∝ FLOPs of an MLP epoch)."""
+    fam = get_family(family)
+    n_params = sum(p.numel() for p in fam.model(width, depth).parameters())
+    return float(fam.data().x_train.shape[0] * n_params)
+
+
+class _WorkMeter(BaseCallback):
+    """Sums the inner work of every env step PPO takes (the tasks differ between the two runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.work = 0.0
+
+    def _on_step(self) -> bool:
+        for episode in self.training_env.get_attr("episode"):
+            task = episode.task
+            self.work += _task_work(task.family, task.width, task.depth)
+        return True
+
+
+def ppo_env_steps_per_s(batched: bool, n_envs: int, total_steps: int, device: str) -> tuple[float, float, int]:
+    """End-to-end PPO on the batchable training families, batched or per-env.
+
+    Returns env-steps/s, mean inner work per env step (samples × parameters) and episodes ended.
+    A short run draws few tasks, so the batched side mixes shapes (batches of 8, a new shape every
+    32 epochs) and the work per step is reported to show how alike the two runs' tasks were.
+    """
+    families = tuple(f for f in TRAIN_FAMILIES if is_batchable(f))
+    config = EnvConfig(families=families, num_threads=None, device=device)
+    if batched:
+        venv = make_vec_env(families, n_envs, config, seed=0, batch_config=BatchConfig(runs_per_batch=8,
+                                                                                        reshape_every=32))
+    else:
+        venv = VecMonitor(DummyVecEnv([lambda: LRControlEnv(config) for _ in range(n_envs)]))
+        venv.seed(0)
+    model = PPO("MlpPolicy", venv, n_steps=max(2048 // n_envs, 8), batch_size=256, n_epochs=4, seed=0, device="cpu")
+    meter = _WorkMeter()
+    t0 = time.perf_counter()
+    model.learn(total_timesteps=total_steps, callback=meter)
+    elapsed = time.perf_counter() - t0
+    venv.close()
+    assert isinstance(venv, VecMonitor)
+    return model.num_timesteps / elapsed, meter.work / model.num_timesteps, venv.episode_count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated families (default: all)")
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per family (median reported)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for both loops")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per family / per N (median reported)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every loop")
+    parser.add_argument("--device", default="cpu", help="device of the batched section and PPO runs (cpu, cuda)")
+    parser.add_argument("--batched-family", default="digits_mlp", help="family of the batched section")
+    parser.add_argument("--batched-n", default="8,32,128", help="comma-separated N (32 is always measured)")
+    parser.add_argument("--ppo-steps", type=int, default=4096, help="env steps of each PPO run (0: skip)")
+    parser.add_argument("--ppo-envs", type=int, default=32, help="parallel envs of the PPO runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), CPU, median of {args.steps} steps\n")
-    header = f"{'family':20s} {'env ms/step':>12s} {'samples/s':>11s} {'naive ms/epoch':>15s} {'naive/env':>10s}"
-    print(header)
-    print("-" * len(header))
+    families = [f for f in args.families.split(",") if f]
+    print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.steps} steps\n")
     env_ms_all = []
-    for family in args.families.split(","):
+    if families:
+        print("Per family, CPU (one env, one model):")
+        header = f"{'family':20s} {'env ms/step':>12s} {'samples/s':>11s} {'naive ms/epoch':>15s} {'naive/env':>10s}"
+        print(header)
+        print("-" * len(header))
+    for family in families:
         env_ms, n_train = env_step_ms(family, args.steps)
         naive_ms = naive_epoch_ms(family, args.steps)
         env_ms_all.append(env_ms)
         print(f"{family:20s} {env_ms:12.2f} {n_train / env_ms * 1e3:11.0f} {naive_ms:15.2f} {naive_ms / env_ms:9.2f}x")
-    print(f"\nenv_step_ms_median {statistics.median(env_ms_all):.3f}")
+
+    ns = sorted({int(n) for n in args.batched_n.split(",") if n} | {32})
+    print(f"\nBatched ({args.batched_family} default task, device {args.device}): model-epochs per second")
+    header = (f"{'N':>5s} {'batched':>10s} {'separate':>10s} {'naive':>8s} "
+              f"{'batched/separate':>17s} {'batched/naive':>14s}")
+    print(header)
+    print("-" * len(header))
+    ratios: dict[int, tuple[float, float]] = {}
+    for n in ns:
+        b, sep, naive = batched_row(args.batched_family, n, args.steps, args.device)
+        ratios[n] = (b / sep, b / naive)
+        print(f"{n:5d} {b:10.1f} {sep:10.1f} {naive:8.1f} {b / sep:16.2f}x {b / naive:13.2f}x", flush=True)
+
+    if args.ppo_steps:
+        print(f"\nEnd-to-end PPO, {args.ppo_envs} envs, {args.ppo_steps} env steps, batchable training families:")
+        print(f"  {'':24s} {'env-steps/s':>11s} {'work/step':>10s} {'episodes':>9s}   (work: M samples x params)")
+        rates = {}
+        for batched in (True, False):
+            rate, work, episodes = ppo_env_steps_per_s(batched, args.ppo_envs, args.ppo_steps, args.device)
+            rates[batched] = (rate, work)
+            name = "batched (make_vec_env)" if batched else "per-env (DummyVecEnv)"
+            print(f"  {name:24s} {rate:11.1f} {work / 1e6:10.1f} {episodes:9d}", flush=True)
+        (rb, wb), (rs, ws) = rates[True], rates[False]
+        print(f"  batched / per-env: {rb / rs:.2f}x env-steps/s, {rb * wb / (rs * ws):.2f}x inner work/s")
+
+    if env_ms_all:
+        print(f"\nenv_step_ms_median {statistics.median(env_ms_all):.3f}")
+    print(f"batched_vs_separate_n32 {ratios[32][0]:.3f}")
+    print(f"batched_vs_naive_n32 {ratios[32][1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def policy_path(tmp_path):
-    """A seeded random policy: its actions are small but never 0, so every decision changes the LR."""
+    """A seeded random policy whose actions are negative and never 0, so every decision changes the LR
+    (a rise could be held back by the safety rule when the validation loss is above its best)."""
     torch.manual_seed(1234)
-    return save_policy(tmp_path / "random_policy.safetensors", PolicyNet(N_FEATURES, hidden=(16,)))
+    net = PolicyNet(N_FEATURES, hidden=(16,))
+    with torch.no_grad():
+        net.action_net.bias.fill_(-0.6)
+    return save_policy(tmp_path / "random_policy.safetensors", net)
 
 
 def _regression_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
