@@ -45,7 +45,6 @@ import torch  # noqa: E402
 from stable_baselines3 import PPO  # noqa: E402
 from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
 from stable_baselines3.common.logger import KVWriter, Logger  # noqa: E402
-from stable_baselines3.common.monitor import Monitor  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -53,7 +52,8 @@ from controller.actions import ActionConfig  # noqa: E402
 from controller.checkpoint import default_policy_path, load_policy  # noqa: E402
 from controller.features import FEATURE_NAMES  # noqa: E402
 from controller.policy import PolicyNet  # noqa: E402
-from envs import TRAIN_FAMILIES, VALIDATION_FAMILIES, EnvConfig, LRControlEnv, get_family  # noqa: E402
+from envs import TRAIN_FAMILIES, VALIDATION_FAMILIES, EnvConfig, get_family  # noqa: E402
+from envs.batched import make_vec_env as batched_vec_env  # noqa: E402
 from envs.evaluation import (  # noqa: E402
     BASELINES,
     MULTIPLIERS,
@@ -85,10 +85,10 @@ UNLOGGED_FILE = "unlogged_metrics.jsonl"
 class TrainConfig:
     """Everything a training run depends on (logged as MLflow params; RNG state is not part of it)."""
 
-    timesteps: int = 150_000
+    timesteps: int = 80_000
     """Total PPO env steps (one step = one inner epoch)."""
-    n_envs: int = 2
-    """Parallel environments (SubprocVecEnv when > 1)."""
+    n_envs: int = 16
+    """Parallel environment slots: MLP families batched in-process, the others one subprocess each."""
     seed: int = 0
     """Seed of PPO and of the environments' task draws."""
     families: tuple[str, ...] = TRAIN_FAMILIES
@@ -99,8 +99,8 @@ class TrainConfig:
     """MLflow tracking URI; None: sqlite:///<cwd>/mlflow.db."""
     experiment: str = "lrcontrol"
     """MLflow experiment name."""
-    n_steps: int = 512
-    """PPO rollout length per env."""
+    n_steps: int = 64
+    """PPO rollout length per env (a rollout is n_steps × n_envs env steps)."""
     batch_size: int = 128
     """PPO minibatch size."""
     learning_rate: float = 3e-4
@@ -117,7 +117,7 @@ class TrainConfig:
     """Hidden layers of the policy and value networks."""
     checkpoint_every: int = 10_000
     """Env steps between checkpoints (a SIGKILL loses at most this much)."""
-    eval_every: int = 25_000
+    eval_every: int = 20_000
     """Env steps between validation evaluations (0: only at the end)."""
     eval_seeds: int = 1
     """Tasks per validation family and LR multiplier in each evaluation."""
@@ -310,12 +310,14 @@ def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def make_vec_env(cfg: TrainConfig) -> VecEnv:
-    """``cfg.n_envs`` monitored LRControl-v0 envs (subprocesses when more than one)."""
+    """``cfg.n_envs`` monitored LRControl-v0 slots: MLP families batched in one computation
+    (``envs.batched``), the others as separate envs in subprocesses."""
     env_config = EnvConfig(families=cfg.families, device=cfg.device, budget_is_terminal=True)
-    fns = [lambda: Monitor(LRControlEnv(env_config)) for _ in range(cfg.n_envs)]
-    if cfg.n_envs == 1:
-        return DummyVecEnv(fns)
-    return SubprocVecEnv(fns, start_method="forkserver")
+
+    def subprocesses(fns: list[Any]) -> VecEnv:
+        return SubprocVecEnv(fns, start_method="forkserver") if len(fns) > 1 else DummyVecEnv(fns)
+
+    return batched_vec_env(cfg.families, cfg.n_envs, env_config, seed=cfg.seed, vec_env_cls=subprocesses)
 
 
 class MLflowWriter(KVWriter):
@@ -483,6 +485,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
         remaining = cfg.timesteps - state["num_timesteps"]
         if remaining > 0:
             model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=False)
+            model.logger.dump(model.num_timesteps)  # SB3 dumps before each update: flush the last one's losses
         if not state["evals"] or state["evals"][-1]["step"] != model.num_timesteps:
             callback.init_callback(model)
             callback.validate()
@@ -649,7 +652,7 @@ def cli() -> None:
 
 @cli.command("train")
 @click.option("--timesteps", type=click.IntRange(min=1), default=_D.timesteps, help="Total PPO env steps (one step = one inner epoch).")
-@click.option("--n-envs", type=click.IntRange(min=1), default=_D.n_envs, help="Parallel environments (subprocesses when > 1).")
+@click.option("--n-envs", type=click.IntRange(min=1), default=_D.n_envs, help="Parallel env slots: MLP families batched in-process, the others one subprocess each.")
 @click.option("--seed", type=int, default=_D.seed, help="Seed of PPO and of the task draws.")
 @click.option("--families", callback=_families, default=",".join(_D.families), help="Comma-separated train task families.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=_D.out, help="Output directory (checkpoints, state, exported policy).")

@@ -123,7 +123,7 @@ def test_train_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
 
 def test_train_logs_to_the_default_embedded_store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = tc.TrainConfig(**TINY, out="run")
+    cfg = tc.TrainConfig(**{**TINY, "n_envs": 4, "n_steps": 32}, out="run")  # 4 slots: the batched path
     tc.train(cfg, show_progress=False)
     assert (tmp_path / "mlflow.db").exists()
     check_run(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run")
@@ -283,4 +283,4 @@ def test_help_explains_every_option_with_defaults():
     for option in ("--timesteps", "--n-envs", "--seed", "--families", "--out", "--tracking-uri", "--experiment",
                    "--resume", "--n-steps", "--batch-size", "--learning-rate", "--net-arch"):
         assert option in text
-    assert "default: 150000" in text
+    assert f"default: {tc.TrainConfig().timesteps}" in text
