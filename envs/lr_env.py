@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -57,10 +58,21 @@ class EnvConfig:
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" → CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """"auto" → CUDA when available, else CPU.
+
+    On CUDA this also switches the process to deterministic kernels (cuDNN deterministic, torch's
+    deterministic algorithms with a fixed cuBLAS workspace), so that the same seed gives the same
+    trajectory there too: cuDNN convolutions and embedding backward passes otherwise differ from run to
+    run in the last bits. Inner runs are small; the cost is minor.
+    """
+    resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                            ("cpu" if device == "auto" else device))
+    if resolved.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return resolved
 
 
 def _info_float(x: float | None) -> float:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from controller import N_FEATURES, PolicyNet, PolicyScheduler
-from envs import EnvConfig, LRControlEnv, TorchRun, get_family
+from envs import EnvConfig, LRControlEnv, TorchRun, get_family, resolve_device
 
 
 def random_policy(seed: int = 0, scale: float = 1.0) -> PolicyNet:
@@ -30,8 +30,8 @@ def task_for(family: str, optimizer: str, epochs: int = 8, seed: int = 5):
     return replace(fam.default_task(seed=seed), optimizer=optimizer, lr=fam.default_lr(optimizer), epochs=epochs)
 
 
-def run_with_scheduler(task, net, epochs=None, **kwargs):
-    run = TorchRun(task, hook=False)
+def run_with_scheduler(task, net, epochs=None, device="cpu", **kwargs):
+    run = TorchRun(task, device, hook=False)
     sched = PolicyScheduler(run.task.optimizer, total_epochs=task.epochs, policy=net, **kwargs)
     lrs = []
     for epoch in range(epochs or task.epochs):
@@ -48,7 +48,8 @@ def run_with_scheduler(task, net, epochs=None, **kwargs):
 def test_scheduler_makes_the_decisions_the_env_applies(family, optimizer):
     task = task_for(family, optimizer)
     net = random_policy(seed=1)
-    env = LRControlEnv(EnvConfig(families=(family,)))
+    device = resolve_device("auto")  # CUDA where there is one: the parity must hold there too
+    env = LRControlEnv(EnvConfig(families=(family,), device=str(device)))
     obs, info = env.reset(seed=0, options={"task": task})
     env_lrs, env_obs, done = [info["lr"]], [obs], False
     while not done:
@@ -56,7 +57,7 @@ def test_scheduler_makes_the_decisions_the_env_applies(family, optimizer):
         env_lrs.append(info["lr"])
         env_obs.append(obs)
         done = terminated or truncated
-    lrs, sched, _ = run_with_scheduler(task, net)
+    lrs, sched, _ = run_with_scheduler(task, net, device=device)
     assert lrs == env_lrs
     assert len(set(lrs)) > 3, "the policy should move the LR"
     for h, o in zip(sched.history, env_obs):
