@@ -30,7 +30,7 @@ import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,7 @@ from stable_baselines3.common.logger import KVWriter, Logger  # noqa: E402
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from controller.actions import ActionConfig  # noqa: E402
-from controller.checkpoint import default_policy_path, load_policy  # noqa: E402
+from controller.checkpoint import default_policy_path, load_policy, save_policy  # noqa: E402
 from controller.features import FEATURE_NAMES  # noqa: E402
 from controller.policy import PolicyNet  # noqa: E402
 from envs import TRAIN_FAMILIES, VALIDATION_FAMILIES, EnvConfig, get_family  # noqa: E402
@@ -67,7 +66,7 @@ from envs.evaluation import (  # noqa: E402
     ratio_to,
     run_jobs,
 )
-from envs.export import export_policy, policy_from_sb3, read_sb3_zip  # noqa: E402
+from envs.export import policy_from_sb3, read_sb3_zip  # noqa: E402
 
 STATE_FILE = "state.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -148,10 +147,6 @@ class TrainConfig:
     def params(self) -> dict[str, str]:
         """Flat string params for MLflow."""
         return {k: (",".join(map(str, v)) if isinstance(v, tuple) else str(v)) for k, v in dataclasses.asdict(self).items()}
-
-
-def defaults() -> TrainConfig:
-    return TrainConfig()
 
 
 # ==================================================================================================
@@ -351,8 +346,9 @@ class TrainingCallback(BaseCallback):
         self._steps0 = self._rollout_steps0 = state["num_timesteps"]
 
     def _on_training_start(self) -> None:
+        # disable=None: a bar on a terminal only, so a redirected log is not flooded with updates
         self.bar = tqdm(total=self.cfg.timesteps, initial=self.state["num_timesteps"], unit="step",
-                        dynamic_ncols=True, disable=not self.show_progress, desc="PPO")
+                        dynamic_ncols=True, disable=None if self.show_progress else True, desc="PPO")
 
     def _on_step(self) -> bool:
         n = self.model.num_timesteps
@@ -418,8 +414,8 @@ class TrainingCallback(BaseCallback):
 def save_exported(net: PolicyNet, path: Path, cfg: TrainConfig, step: int, score: float | None) -> Path:
     training = {"command": "python train_controller.py train", "config": cfg.params(), "timesteps": step,
                 "validation_ratio_vs_cosine": score, "git_commit": _git_commit()}
-    return export_policy(net, path, action_config=EnvConfig().action, training=training,
-                         description=f"PPO policy after {step} env steps on families {', '.join(cfg.families)}")
+    return save_policy(path, net, action_config=EnvConfig().action, training=training,
+                       description=f"PPO policy after {step} env steps on families {', '.join(cfg.families)}")
 
 
 def _check_out_dir(out: Path, resume: bool) -> dict[str, Any] | None:
@@ -550,8 +546,8 @@ def export(source: Path, out: Path) -> Path:
         net = read_sb3_zip(zip_path)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
-    return export_policy(net, out, action_config=EnvConfig().action,
-                         training={"exported_from": str(zip_path)}, description=f"exported from {zip_path.name}")
+    return save_policy(out, net, action_config=EnvConfig().action,
+                       training={"exported_from": str(zip_path)}, description=f"exported from {zip_path.name}")
 
 
 def format_table(ev: Evaluation) -> str:
@@ -587,7 +583,8 @@ def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
     total = n_jobs(families, seeds, MULTIPLIERS, 1 + len(BASELINES))
-    with make_pool(workers) as pool, tqdm(total=total, unit="run", desc="evaluate", disable=not show_progress) as bar:
+    with make_pool(workers) as pool, tqdm(total=total, unit="run", desc="evaluate",
+                                          disable=None if show_progress else True) as bar:
         ev = evaluate_policy(net, families, seeds=seeds, device=device, pool=pool, progress=bar.update)
     table = format_table(ev)
     click.echo(table)
@@ -620,7 +617,7 @@ def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path
 # CLI
 # ==================================================================================================
 
-_D = defaults()
+_D = TrainConfig()
 
 
 def _families(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:

@@ -49,7 +49,6 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import envs  # noqa: E402
 from envs import FAMILIES, TRAIN_FAMILIES, EnvConfig, LRControlEnv, build_task, get_family  # noqa: E402
 from envs.batched import BatchConfig, LRControlVecEnv, is_batchable, make_vec_env  # noqa: E402
 

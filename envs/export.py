@@ -15,13 +15,10 @@ import json
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from controller.actions import ActionConfig
-from controller.checkpoint import save_policy
 from controller.features import N_FEATURES
 from controller.policy import ACTIVATIONS, PolicyNet
 
@@ -90,15 +87,3 @@ def read_sb3_zip(path: str | Path) -> PolicyNet:
     if act not in _ACTIVATION_NAMES:
         raise ValueError(f"{path}: activation {act_text!r} is not supported ({sorted(_ACTIVATION_NAMES)})")
     return policy_from_state_dict(state, _ACTIVATION_NAMES[act])
-
-
-def export_policy(
-    net: PolicyNet,
-    out: str | Path,
-    *,
-    action_config: ActionConfig = ActionConfig(),
-    training: dict[str, Any] | None = None,
-    description: str = "",
-) -> Path:
-    """Write ``net`` as a policy file (``controller.save_policy``) with training provenance."""
-    return save_policy(out, net, action_config=action_config, training=training, description=description)

@@ -331,7 +331,7 @@ def test_seeded_reset_is_reproducible():
         out += [venv.step(np.full((3, 1), 0.5, dtype=np.float32))[0] for _ in range(2)]
         return out, [e.task for e in venv.get_attr("episode")]
 
-    (a, tasks_a), (b, tasks_b), (c, tasks_c) = rollout(5), rollout(5), rollout(6)
+    (a, tasks_a), (b, tasks_b), (_, tasks_c) = rollout(5), rollout(5), rollout(6)
     assert tasks_a == tasks_b and tasks_a != tasks_c
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
