@@ -56,6 +56,7 @@ from envs.batched import make_vec_env as batched_vec_env  # noqa: E402
 from envs.evaluation import (  # noqa: E402
     BASELINES,
     MULTIPLIERS,
+    SELECTION_SEED,
     Evaluation,
     RunRecord,
     evaluate_policy,
@@ -84,7 +85,7 @@ UNLOGGED_FILE = "unlogged_metrics.jsonl"
 class TrainConfig:
     """Everything a training run depends on (logged as MLflow params; RNG state is not part of it)."""
 
-    timesteps: int = 80_000
+    timesteps: int = 100_000
     """Total PPO env steps (one step = one inner epoch)."""
     n_envs: int = 16
     """Parallel environment slots: MLP families batched in-process, the others one subprocess each."""
@@ -116,7 +117,7 @@ class TrainConfig:
     """Hidden layers of the policy and value networks."""
     checkpoint_every: int = 10_000
     """Env steps between checkpoints (a SIGKILL loses at most this much)."""
-    eval_every: int = 20_000
+    eval_every: int = 25_000
     """Env steps between validation evaluations (0: only at the end)."""
     eval_seeds: int = 1
     """Tasks per validation family and LR multiplier in each evaluation."""
@@ -235,14 +236,15 @@ def _git_commit() -> str:
 class Validator:
     """Scores a policy on the validation families against cosine annealing from the same initial LR.
 
-    Score: geometric mean over tasks of (policy's final val loss ÷ cosine's), ratios capped at 10 and
-    divergence counted as 10. Below 1: better than cosine. Cosine runs are computed once and cached.
+    Score: geometric mean over tasks of (policy's final val loss ÷ cosine's), ratios within [1/10, 10],
+    a diverged side counted as 10× worse. Below 1: better than cosine. Cosine runs are computed once
+    and cached. The tasks come from ``SELECTION_SEED``, not from the seeds ``evaluate`` reports on.
     """
 
     def __init__(self, cfg: TrainConfig, pool: Any = None) -> None:
         self.cfg, self.pool = cfg, pool
         self.tasks = [(family, i, m, task) for family in cfg.eval_families for m in MULTIPLIERS
-                      for i, task in enumerate(evaluation_tasks(family, cfg.eval_seeds, m))]
+                      for i, task in enumerate(evaluation_tasks(family, cfg.eval_seeds, m, SELECTION_SEED))]
         self._cosine: list[RunRecord] | None = None
 
     def __call__(self, net: PolicyNet) -> tuple[float, dict[str, float], list[RunRecord], list[RunRecord]]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -69,13 +70,23 @@ class RunRecord:
         return not self.diverged and self.final_test > self.initial_test
 
 
-def evaluation_tasks(family: str, seeds: int, multiplier: float) -> list[TaskConfig]:
-    """The evaluation tasks of a family: task i is drawn from ``np.random.default_rng(1000 + i)``.
+EVALUATION_SEED = 1000
+"""Task i of a family in ``evaluate`` is drawn from seed (EVALUATION_SEED + i, crc32(family))."""
+SELECTION_SEED = 2000
+"""The periodic validation during training draws its tasks from another range, so that the tasks a
+policy is selected on are not the tasks it is finally evaluated on."""
 
-    The same draw at another multiplier gives the same task with another initial LR.
+
+def evaluation_tasks(family: str, seeds: int, multiplier: float, base_seed: int = EVALUATION_SEED) -> list[TaskConfig]:
+    """The evaluation tasks of a family: task i comes from ``default_rng([base_seed + i, crc32(family)])``.
+
+    The family's name is part of the seed, so that task i of two families is drawn independently
+    (optimizer, budget, architecture). The same draw at another multiplier gives the same task
+    with another initial LR.
     """
     fam = get_family(family)
-    return [fam.sample(np.random.default_rng(1000 + i), lr_multiplier=multiplier) for i in range(seeds)]
+    key = zlib.crc32(family.encode())
+    return [fam.sample(np.random.default_rng([base_seed + i, key]), lr_multiplier=multiplier) for i in range(seeds)]
 
 
 def _make_baseline(name: str, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Any:
@@ -151,10 +162,14 @@ def run_schedule(
 
 
 def ratio_to(value: float, reference: float, cap: float = RATIO_CAP) -> float:
-    """``value / reference`` capped at ``cap``; non-finite values (divergence) count as ``cap``."""
-    if not math.isfinite(value) or not math.isfinite(reference) or reference <= 0:
-        return cap
-    return min(value / reference, cap)
+    """``value / reference``, within ``[1/cap, cap]``; a diverged (non-finite) side counts as ``cap`` times
+    worse than the other: ``cap`` when ``value`` diverged, ``1/cap`` when only ``reference`` did, 1 when both did."""
+    value_ok, reference_ok = math.isfinite(value), math.isfinite(reference) and reference > 0
+    if not value_ok:
+        return 1.0 if not reference_ok else cap
+    if not reference_ok:
+        return 1.0 / cap
+    return min(max(value / reference, 1.0 / cap), cap)
 
 
 def geomean(values: Iterable[float]) -> float:

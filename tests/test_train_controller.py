@@ -284,3 +284,24 @@ def test_help_explains_every_option_with_defaults():
                    "--resume", "--n-steps", "--batch-size", "--learning-rate", "--net-arch"):
         assert option in text
     assert f"default: {tc.TrainConfig().timesteps}" in text
+
+
+def test_ratio_counts_divergence_on_either_side():
+    from envs.evaluation import RATIO_CAP, ratio_to
+
+    assert ratio_to(2.0, 1.0) == 2.0
+    assert ratio_to(float("nan"), 1.0) == RATIO_CAP
+    assert ratio_to(1.0, float("inf")) == 1 / RATIO_CAP  # only the reference diverged: a win, not a loss
+    assert ratio_to(float("nan"), float("nan")) == 1.0
+    assert ratio_to(1e9, 1.0) == RATIO_CAP
+
+
+def test_selection_and_evaluation_tasks_differ_and_families_are_independent():
+    from envs.evaluation import SELECTION_SEED, evaluation_tasks
+
+    a = evaluation_tasks("diabetes_mlp", 3, 1.0)
+    assert a == evaluation_tasks("diabetes_mlp", 3, 1.0)
+    assert [t.seed for t in a] != [t.seed for t in evaluation_tasks("diabetes_mlp", 3, 1.0, SELECTION_SEED)]
+    assert [t.with_lr(1.0) for t in evaluation_tasks("diabetes_mlp", 3, 10.0)] == [t.with_lr(1.0) for t in a]
+    draws = {f: [(t.optimizer, t.epochs) for t in evaluation_tasks(f, 6, 1.0)] for f in ("blobs_mlp", "diabetes_mlp")}
+    assert draws["blobs_mlp"] != draws["diabetes_mlp"]
