@@ -348,9 +348,10 @@ class TrainingCallback(BaseCallback):
         self._steps0 = self._rollout_steps0 = state["num_timesteps"]
 
     def _on_training_start(self) -> None:
-        # disable=None: a bar on a terminal only, so a redirected log is not flooded with updates
+        # Redirected to a file, the bar updates once a minute instead of flooding the log
         self.bar = tqdm(total=self.cfg.timesteps, initial=self.state["num_timesteps"], unit="step",
-                        dynamic_ncols=True, disable=None if self.show_progress else True, desc="PPO")
+                        dynamic_ncols=True, disable=not self.show_progress, desc="PPO",
+                        mininterval=0.1 if sys.stderr.isatty() else 60.0)
 
     def _on_step(self) -> bool:
         n = self.model.num_timesteps
@@ -585,8 +586,8 @@ def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
     total = n_jobs(families, seeds, MULTIPLIERS, 1 + len(BASELINES))
-    with make_pool(workers) as pool, tqdm(total=total, unit="run", desc="evaluate",
-                                          disable=None if show_progress else True) as bar:
+    with make_pool(workers) as pool, tqdm(total=total, unit="run", desc="evaluate", disable=not show_progress,
+                                          mininterval=0.1 if sys.stderr.isatty() else 60.0) as bar:
         ev = evaluate_policy(net, families, seeds=seeds, device=device, pool=pool, progress=bar.update)
     table = format_table(ev)
     click.echo(table)
