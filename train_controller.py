@@ -391,7 +391,7 @@ class TrainingCallback(BaseCallback):
         self.state["evals"].append({"step": n, **metrics})
         if score < self.state["best_score"]:
             self.state.update(best_score=score, best_step=n)
-            save_exported(net, self.out / BEST_POLICY_FILE, self.cfg, n, score)
+            save_exported(net, self.out / BEST_POLICY_FILE, self.cfg, n, score, self.state.get("git_commit", "unknown"))
             self.state["best_runs"] = [dataclasses.asdict(r) for r in policy_runs]
         if self.bar is not None:
             self.bar.write(f"[{n} steps] validation ratio vs cosine {score:.3f} "
@@ -414,9 +414,9 @@ class TrainingCallback(BaseCallback):
 
 
 
-def save_exported(net: PolicyNet, path: Path, cfg: TrainConfig, step: int, score: float | None) -> Path:
+def save_exported(net: PolicyNet, path: Path, cfg: TrainConfig, step: int, score: float | None, commit: str) -> Path:
     training = {"command": "python train_controller.py train", "config": cfg.params(), "timesteps": step,
-                "validation_ratio_vs_cosine": score, "git_commit": _git_commit()}
+                "validation_ratio_vs_cosine": score, "git_commit": commit}
     return save_policy(path, net, action_config=EnvConfig().action, training=training,
                        description=f"PPO policy after {step} env steps on families {', '.join(cfg.families)}")
 
@@ -456,10 +456,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
     else:
         mlflow.set_experiment(cfg.experiment)
         run = mlflow.start_run()
-        state = {"mlflow_run_id": run.info.run_id, "tracking_uri": uri, "num_timesteps": 0, "checkpoint": None,
+        state = {"mlflow_run_id": run.info.run_id, "tracking_uri": uri, "git_commit": _git_commit(),
+                 "num_timesteps": 0, "checkpoint": None,
                  "best_score": math.inf, "best_step": None, "evals": [], "config": dataclasses.asdict(cfg)}
         tracker.call("params", lambda: mlflow.log_params(cfg.params()))
-        tracker.call("tags", lambda: mlflow.set_tags({"git_commit": _git_commit(), "command": " ".join(sys.argv)}))
+        tracker.call("tags", lambda: mlflow.set_tags({"git_commit": state["git_commit"], "command": " ".join(sys.argv)}))
         _atomic_write_json(out / STATE_FILE, state)
 
     vec_env = make_vec_env(cfg)
