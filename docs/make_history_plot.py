@@ -1,7 +1,7 @@
 """Make the README's "Seeing what it decided" picture from a real (small) training run.
 
 Trains an MLP on scikit-learn's bundled digits (offline, ~1 s on one CPU core) with AdamW started at a
-deliberately high LR (0.1), the LR set once per epoch by a ``PolicyScheduler``, then draws
+deliberately low LR (1e-4, 10x below the usual 1e-3), the LR set once per epoch by a ``PolicyScheduler``, then draws
 ``scheduler.history`` with ``plot_history``.
 The run is seeded, so the picture is reproducible. Regenerate it when the default policy changes:
 
@@ -56,9 +56,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default=None, help="policy file (default: the bundled default policy)")
     parser.add_argument("--epochs", type=int, default=30)
-    # 0.1 is deliberately high for AdamW: the run has something to correct (with the placeholder
-    # policy, only the safety cut acts), so the picture shows a decision that matters.
-    parser.add_argument("--lr", type=float, default=0.1, help="AdamW's initial LR")
+    # 1e-4 is 10x below AdamW's usual 1e-3: the run has something to correct, so the picture shows
+    # the decisions that matter (raise a too-low LR, then anneal).
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW's initial LR")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "lr_history.png")
     args = parser.parse_args()
