@@ -2,7 +2,8 @@
 
 :class:`StepStatsHook` registers a post-step hook on any ``torch.optim.Optimizer`` and gathers, per
 optimizer step, the global gradient norm, and on sparse *probe* steps the alignment of successive
-gradients and the update-to-weight norm ratio. Everything stays on the optimizer's device until
+gradients and the update-to-weight norm ratio (compared whole up to :data:`PROBE_COORDS` parameters,
+on a fixed sketch of that many coordinates beyond). Everything stays on the optimizer's device until
 :meth:`StepStatsHook.collect` reads it once per decision (one host sync per epoch).
 
 The reductions from raw per-step values to :class:`StepStats` live in :func:`summarize_grad_norms`
@@ -18,6 +19,7 @@ gradients (``grad_cos`` > 0) mean it creeps along one (LR too low). The update-t
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,12 +27,34 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-NORM_SAMPLES = 32
-"""Gradient norms sampled per epoch, at most: every ``max(1, steps of the previous epoch // 32)``-th step."""
+NORM_SAMPLES = 16
+"""Gradient norms sampled per epoch, at most: every ``max(1, steps of the previous epoch // 16)``-th step."""
 PROBE_PAIRS = 4
 """Probe pairs per epoch, about: one every ``max(PROBE_MIN_EVERY, previous epoch's steps // 4)`` steps."""
 PROBE_MIN_EVERY = 8
 """Probe pairs never start closer than this many steps apart."""
+PROBE_COORDS = 2**16
+"""Coordinates a probe pair compares, at most: models up to this many parameters are compared whole."""
+PROBE_BLOCK = 256
+"""Larger models are compared on ``PROBE_COORDS // PROBE_BLOCK`` evenly spaced contiguous blocks."""
+
+
+def probe_coordinates(numel: int, device: torch.device | str = "cpu") -> Tensor | None:
+    """The flattened-parameter coordinates a probe pair compares; ``None`` means all of them.
+
+    A probe keeps a copy of the gradient and the weights between two steps. Up to
+    :data:`PROBE_COORDS` parameters it copies them whole (exact cosine and update ratio); beyond, it
+    keeps a fixed sketch: :data:`PROBE_COORDS` coordinates in contiguous blocks of
+    :data:`PROBE_BLOCK`, evenly spaced over the parameter vector (so every layer is represented in
+    proportion to its size). Its memory and time then stay constant however large the model, and
+    the blocks read whole cache lines. The order is ``parameters_to_vector``'s (optimizer order).
+    """
+    if numel <= PROBE_COORDS:
+        return None
+    blocks = PROBE_COORDS // PROBE_BLOCK
+    # Integer arithmetic: starts 0 … numel - PROBE_BLOCK, at least PROBE_BLOCK apart since numel > PROBE_COORDS.
+    starts = torch.arange(blocks, dtype=torch.int64) * (numel - PROBE_BLOCK) // (blocks - 1)
+    return (starts[:, None] + torch.arange(PROBE_BLOCK, dtype=torch.int64)).reshape(-1).to(device)
 
 
 def sampling_intervals(previous_steps: int) -> tuple[int, int]:
@@ -57,9 +81,9 @@ class StepStats:
     grad_norm_trend: float
     """ln(mean norm over the second half of the steps / mean over the first half)."""
     update_ratio: float
-    """Mean ||w_{t+1} - w_t|| / ||w_t|| over probe pairs."""
+    """Mean ||w_{t+1} - w_t|| / ||w_t|| over probe pairs (on :func:`probe_coordinates`)."""
     grad_cos: float
-    """Mean cosine between the gradients of two successive steps over probe pairs, in [-1, 1]."""
+    """Mean cosine between the gradients of two successive steps over probe pairs, in [-1, 1] (on :func:`probe_coordinates`)."""
 
     @classmethod
     def empty(cls) -> StepStats:
@@ -107,7 +131,9 @@ def probe_values(
     Returns:
         ``(cos, ratio)`` of shape ``(...)``.
     """
-    dot = (grad_prev * grad).sum(-1)
+    # vecdot reads both vectors once with no n-sized temporary; an elementwise product and a
+    # (1, n) @ (n, 1) matmul both cost several times more on a CPU.
+    dot = torch.linalg.vecdot(grad_prev, grad)
     cos = dot / (torch.linalg.vector_norm(grad_prev, dim=-1) * torch.linalg.vector_norm(grad, dim=-1)).clamp_min(1e-30)
     ratio = torch.linalg.vector_norm(weight - weight_prev, dim=-1) / torch.linalg.vector_norm(
         weight_prev, dim=-1
@@ -123,6 +149,8 @@ class StepStatsHook:
     it sees the clipped gradients. It samples: the gradient norm on every ``norm_every``-th step and
     a probe pair (two successive steps: gradient cosine and update-to-weight ratio) every
     ``probe_every`` steps, both from :func:`sampling_intervals` of the previous epoch's length.
+    A probe keeps :data:`PROBE_COORDS` coordinates at most (:func:`probe_coordinates`), so its memory
+    stays small however large the model.
 
     Args:
         optimizer: any ``torch.optim.Optimizer``; all parameters with ``requires_grad`` are watched.
@@ -144,40 +172,61 @@ class StepStatsHook:
         self._norms: list[Tensor] = []
         self._cos: list[Tensor] = []
         self._ratios: list[Tensor] = []
-        self._probe: tuple[Tensor, Tensor] | None = None
+        self._probe: tuple[Tensor, Tensor, list[int]] | None = None  # gradient, weights, which parameters
+        self._plans: dict[tuple[int, ...], list[Tensor] | None] = {}  # probe_coordinates split per parameter
         self._handle = optimizer.register_step_post_hook(self._after_step)
 
     def remove(self) -> None:
         """Detach the hook from the optimizer."""
         self._handle.remove()
 
-    @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         index = self._steps
         self._steps += 1
         probe_end = self._probe is not None
         probe_start = not probe_end and index % self._probe_every == 0
-        if not (probe_end or probe_start or index % self._norm_every == 0):
+        if probe_end or probe_start or index % self._norm_every == 0:  # most steps stop here, at no cost
+            with torch.no_grad():
+                self._sample(index, probe_start, probe_end)
+
+    def _sample(self, index: int, probe_start: bool, probe_end: bool) -> None:
+        watched = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not watched:
             return
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return
+        grads = [self.params[i].grad for i in watched]
         if index % self._norm_every == 0:
-            self._norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+            self._norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))  # type: ignore[arg-type]
         if probe_end:
-            grad_prev, weight_prev = self._probe  # type: ignore[misc]
+            grad_prev, weight_prev, started = self._probe  # type: ignore[misc]
             self._probe = None
-            grad = torch.cat([g.reshape(-1) for g in grads])
-            if grad.numel() == grad_prev.numel():
-                weight = torch.cat([p.reshape(-1) for p in self.params if p.grad is not None])
+            if started == watched:  # the same parameters had gradients at both steps
+                grad, weight = self._probe_vectors(watched, grads)  # type: ignore[arg-type]
                 cos, ratio = probe_values(grad_prev, grad, weight_prev, weight)
                 self._cos.append(cos)
                 self._ratios.append(ratio)
         elif probe_start:
-            self._probe = (
-                torch.cat([g.reshape(-1) for g in grads]),
-                torch.cat([p.reshape(-1) for p in self.params if p.grad is not None]),
-            )
+            self._probe = (*self._probe_vectors(watched, grads), watched)  # type: ignore[arg-type]
+
+    def _probe_vectors(self, watched: list[int], grads: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """The probe's gradient and weight vectors: whole, or the :func:`probe_coordinates` sketch."""
+        key = tuple(watched)
+        if key not in self._plans:  # once per set of parameters with gradients (usually once)
+            sizes = [self.params[i].numel() for i in watched]
+            index = probe_coordinates(sum(sizes), self.params[watched[0]].device)
+            plan = None
+            if index is not None:
+                bounds = torch.tensor([0, *sizes], device=index.device).cumsum(0).tolist()
+                plan = [index[(index >= lo) & (index < hi)] - lo for lo, hi in itertools.pairwise(bounds)]
+            self._plans[key] = plan
+        plan = self._plans[key]
+        weights = [self.params[i] for i in watched]
+        if plan is None:
+            return torch.cat([g.reshape(-1) for g in grads]), torch.cat([w.reshape(-1) for w in weights])
+
+        def take(tensors: list[Tensor]) -> Tensor:
+            return torch.cat([t.reshape(-1).index_select(0, i) for t, i in zip(tensors, plan) if i.numel()])
+
+        return take(grads), take(weights)
 
     def state_dict(self) -> dict[str, object]:
         """The current window as plain numbers (a pending probe pair is dropped)."""

@@ -45,7 +45,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvS
 from torch import Tensor, nn
 
 from controller.features import CLIP, N_FEATURES
-from controller.signals import StepStats, probe_values, sampling_intervals, summarize_grad_norms
+from controller.signals import StepStats, probe_coordinates, probe_values, sampling_intervals, summarize_grad_norms
 from envs.inner import EVAL_CHUNK, EpochResult, InnerRun
 from envs.lr_env import EnvConfig, Episode, LRControlEnv, resolve_device
 from envs.tasks import TRAIN_FAMILIES, TaskConfig, _data_on, get_family, make_optimizer
@@ -147,7 +147,7 @@ class _EpochSignals:
     taken for every run on any step where some run samples, and masked at the end.
     """
 
-    def __init__(self, previous_steps: Sequence[int], snapshots: tuple[Tensor, Tensor]) -> None:
+    def __init__(self, previous_steps: Sequence[int], snapshots: tuple[Tensor, Tensor], probe_index: Tensor | None) -> None:
         intervals = [sampling_intervals(s) for s in previous_steps]
         self.norm_every = [ne for ne, _ in intervals]
         self.probe_every = [pe for _, pe in intervals]
@@ -159,6 +159,7 @@ class _EpochSignals:
         self.probe_masks: list[list[bool]] = []
         self.pending = [False] * len(previous_steps)
         self._grad_prev, self._weight_prev = snapshots
+        self._probe_index = probe_index  # StepStatsHook's sketch of large models (None: whole vectors)
 
     @torch.no_grad()
     def after_step(self, index: int, grads: Tensor, params: Tensor) -> None:
@@ -167,6 +168,9 @@ class _EpochSignals:
             self.norms.append(torch.linalg.vector_norm(grads, dim=1))
             self.norm_steps.append(index)
         ending = self.pending
+        starting = [not e and index % pe == 0 for e, pe in zip(ending, self.probe_every)]
+        if (any(ending) or any(starting)) and self._probe_index is not None:
+            grads, params = grads.index_select(1, self._probe_index), params.index_select(1, self._probe_index)
         if any(ending):
             # A few rows at a time: probe_values' (rows, P) temporaries then stay small, which spares
             # the page faults of fresh multi-megabyte allocations (thousands per epoch, seen on a CPU).
@@ -176,7 +180,6 @@ class _EpochSignals:
             self.cos.append(torch.cat([cos for cos, _ in parts]))
             self.ratios.append(torch.cat([ratio for _, ratio in parts]))
             self.probe_masks.append(ending)
-        starting = [not e and index % pe == 0 for e, pe in zip(ending, self.probe_every)]
         if any(starting):
             # Every pending probe ends at the very next step, so one snapshot buffer serves all runs.
             self._grad_prev.copy_(grads)
@@ -284,7 +287,9 @@ class BatchedMLPRun:
         self._exp_avg_rows, self._exp_avg_sq_rows = list(self.exp_avg.unbind(0)), list(self.exp_avg_sq.unbind(0))
         self._step_rows = list(self.steps.unbind(0))
         self._pending: list[EpochResult | None] = [None] * n  # results not yet read through slot()
-        self._snapshots = (torch.empty_like(self.params), torch.empty_like(self.params))  # probe pair starts
+        self._probe_index = probe_coordinates(self.params.shape[1], self.device)
+        probed = self.params.shape[1] if self._probe_index is None else self._probe_index.numel()
+        self._snapshots = (self.params.new_empty(n, probed), self.params.new_empty(n, probed))  # probe pair starts
         self._calls: list[_FusedCall] | None = None
         self._buffers: dict[str, Tensor] = {}
         self._columns: dict[str, Tensor] | None = None
@@ -509,7 +514,7 @@ class BatchedMLPRun:
         n_samples, batch = x.shape[0], self.shape.batch_size
         perm = torch.stack([torch.randperm(n_samples, generator=g, device=self.device) for g in self.generators])
         total = torch.zeros(self.n_runs, device=self.device)
-        signals = _EpochSignals(self._previous_steps, self._snapshots)
+        signals = _EpochSignals(self._previous_steps, self._snapshots, self._probe_index)
         steps = 0
         for start in range(0, n_samples, batch):
             idx = perm[:, start : start + batch]

@@ -9,6 +9,7 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
 
+from controller.signals import PROBE_COORDS
 from envs import FAMILIES, EnvConfig, LRControlEnv, TorchRun, get_family
 from envs.batched import (
     BATCHABLE_FAMILIES,
@@ -118,6 +119,15 @@ def test_batched_runs_match_torch_runs(family, optimizer):
     base = small_task(family, optimizer)
     tasks = [replace(base, seed=seed, lr=base.lr * m) for seed, m in ((0, 1.0), (1, 3.0), (2, 0.3))]
     run_both(tasks, lr_changes={1: {0: 0.5, 2: 2.0}})
+
+
+def test_large_models_probe_the_same_sketch_as_torch_runs():
+    """Above PROBE_COORDS parameters both sides compare the same probe_coordinates blocks."""
+    base = replace(small_task("digits_mlp", "adam"), width=256, depth=2)
+    tasks = [replace(base, seed=seed, optimizer=o, lr=get_family("digits_mlp").default_lr(o))
+             for seed, o in enumerate(("adam", "sgd"))]
+    batch, _, _ = run_both(tasks, epochs=2)
+    assert batch.params.shape[1] > PROBE_COORDS and batch._snapshots[0].shape[1] == PROBE_COORDS
 
 
 def test_linear_model_matches_torch_run():

@@ -10,7 +10,15 @@ import torch
 
 from controller.actions import ActionConfig, lr_factor, next_lr
 from controller.features import CLIP, FEATURE_NAMES, N_FEATURES, FeatureBuilder, optimizer_kind
-from controller.signals import StepStats, StepStatsHook, probe_values, summarize_grad_norms
+from controller.signals import (
+    PROBE_BLOCK,
+    PROBE_COORDS,
+    StepStats,
+    StepStatsHook,
+    probe_coordinates,
+    probe_values,
+    summarize_grad_norms,
+)
 
 EXTREMES = [0.0, 1e-30, 1e30, math.nan, math.inf, -math.inf, -1.0]
 
@@ -111,8 +119,46 @@ def test_hook_samples_sparsely_on_long_epochs():
         stats = hook.collect()
         assert stats.steps == 640
     assert len(hook.state_dict()["norms"]) == 0
-    # second epoch sampled every 20th step: 32 norms, 4 probe pairs
-    assert hook._norm_every == 20 and hook._probe_every == 160
+    # second epoch sampled every 40th step: 16 norms, 4 probe pairs
+    assert hook._norm_every == 40 and hook._probe_every == 160
+
+
+def test_probe_coordinates_are_evenly_spaced_blocks_of_large_models():
+    assert probe_coordinates(PROBE_COORDS) is None
+    for n in (PROBE_COORDS + 1, 203_530, 10**8):
+        index = probe_coordinates(n)
+        assert index.numel() == PROBE_COORDS and index[0] == 0 and index[-1] == n - 1
+        assert bool((index.diff() > 0).all()), "sorted, no coordinate twice"
+        blocks = index.view(-1, PROBE_BLOCK)
+        assert bool((blocks.diff(dim=1) == 1).all()), "contiguous blocks"
+        gaps = blocks[1:, 0] - blocks[:-1, 0]
+        assert int(gaps.max() - gaps.min()) <= 1, "evenly spaced"
+
+
+def test_hook_probes_a_sketch_of_large_models_by_hand():
+    """Above PROBE_COORDS parameters the probe compares the probe_coordinates blocks of the
+    parameters that have gradients (here a frozen-by-disuse parameter sits between two used ones)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(300, 256) * 0.05)
+    unused = torch.nn.Parameter(torch.randn(1000))
+    b = torch.nn.Parameter(torch.randn(256))
+    opt = torch.optim.Adam([w, unused, b], lr=1e-2)
+    hook = StepStatsHook(opt)
+    index = probe_coordinates(w.numel() + b.numel())
+    assert index is not None
+    grads, weights = [], []
+    for _ in range(2):
+        opt.zero_grad()
+        x = torch.randn(8, 300)
+        (torch.tanh(x @ w + b) ** 2).sum().backward()
+        grads.append(torch.cat([w.grad.reshape(-1), b.grad.reshape(-1)])[index].clone())
+        opt.step()
+        weights.append(torch.cat([w.detach().reshape(-1), b.detach().reshape(-1)])[index].clone())
+    stats = hook.collect()
+    cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0).item()
+    assert stats.grad_cos == pytest.approx(cos, rel=1e-5)
+    ratio = ((weights[1] - weights[0]).norm() / weights[0].norm()).item()
+    assert stats.update_ratio == pytest.approx(ratio, rel=1e-5)
 
 
 def test_summarize_grad_norms_by_hand():
