@@ -141,6 +141,32 @@ def probe_values(
     return cos, ratio
 
 
+class _Samples:
+    """Per-step values kept on the device in one growable buffer: a slot write per sample, and one
+    slice to read per decision (cheaper than stacking dozens of scalar tensors at every decision)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.buffer = torch.empty(64, device=device)
+        self.count = 0
+
+    def add(self, value: Tensor) -> None:
+        if self.count == self.buffer.numel():  # the first epoch samples every step: grow by doubling
+            self.buffer = torch.cat([self.buffer, torch.empty_like(self.buffer)])
+        self.buffer[self.count] = value
+        self.count += 1
+
+    def values(self) -> Tensor:
+        return self.buffer[: self.count]
+
+    def reset(self, values: Sequence[float] = ()) -> None:
+        self.count = 0
+        for v in values:
+            self.add(torch.tensor(float(v)))
+
+    def __len__(self) -> int:
+        return self.count
+
+
 class StepStatsHook:
     """Gathers :class:`StepStats` from an optimizer through ``register_step_post_hook``.
 
@@ -169,9 +195,8 @@ class StepStatsHook:
         self._steps = 0
         self._previous_steps = 0
         self._norm_every, self._probe_every = sampling_intervals(0)
-        self._norms: list[Tensor] = []
-        self._cos: list[Tensor] = []
-        self._ratios: list[Tensor] = []
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self._norms, self._cos, self._ratios = _Samples(device), _Samples(device), _Samples(device)
         self._probe: tuple[Tensor, Tensor, list[int]] | None = None  # gradient, weights, which parameters
         self._plans: dict[tuple[int, ...], list[Tensor] | None] = {}  # probe_coordinates split per parameter
         self._handle = optimizer.register_step_post_hook(self._after_step)
@@ -195,15 +220,15 @@ class StepStatsHook:
             return
         grads = [self.params[i].grad for i in watched]
         if index % self._norm_every == 0:
-            self._norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))  # type: ignore[arg-type]
+            self._norms.add(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))  # type: ignore[arg-type]
         if probe_end:
             grad_prev, weight_prev, started = self._probe  # type: ignore[misc]
             self._probe = None
             if started == watched:  # the same parameters had gradients at both steps
                 grad, weight = self._probe_vectors(watched, grads)  # type: ignore[arg-type]
                 cos, ratio = probe_values(grad_prev, grad, weight_prev, weight)
-                self._cos.append(cos)
-                self._ratios.append(ratio)
+                self._cos.add(cos)
+                self._ratios.add(ratio)
         elif probe_start:
             self._probe = (*self._probe_vectors(watched, grads), watched)  # type: ignore[arg-type]
 
@@ -233,35 +258,36 @@ class StepStatsHook:
         return {
             "steps": self._steps,
             "previous_steps": self._previous_steps,
-            "norms": [float(x) for x in self._norms],
-            "cos": [float(x) for x in self._cos],
-            "ratios": [float(x) for x in self._ratios],
+            "norms": self._norms.values().tolist(),
+            "cos": self._cos.values().tolist(),
+            "ratios": self._ratios.values().tolist(),
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        device = self.params[0].device if self.params else torch.device("cpu")
-        as_tensors = lambda xs: [torch.tensor(x, device=device) for x in xs]  # type: ignore[attr-defined]  # noqa: E731
         self._steps = int(state["steps"])  # type: ignore[call-overload]
         self._previous_steps = int(state["previous_steps"])  # type: ignore[call-overload]
         self._norm_every, self._probe_every = sampling_intervals(self._previous_steps)
-        self._norms, self._cos, self._ratios = (as_tensors(state[k]) for k in ("norms", "cos", "ratios"))
+        for samples, key in ((self._norms, "norms"), (self._cos, "cos"), (self._ratios, "ratios")):
+            samples.reset(state[key])  # type: ignore[arg-type]
         self._probe = None
 
     @torch.no_grad()
     def collect(self) -> StepStats:
         """Summarise the steps since the last call and start a new window."""
-        steps, norms, cos, ratios = self._steps, self._norms, self._cos, self._ratios
-        self._steps, self._norms, self._cos, self._ratios, self._probe = 0, [], [], [], None
+        steps, n, k = self._steps, len(self._norms), len(self._cos)
+        values = torch.cat([self._norms.values(), self._cos.values(), self._ratios.values()])
+        self._steps, self._probe = 0, None
+        for samples in (self._norms, self._cos, self._ratios):
+            samples.reset()
         if steps:
             self._previous_steps = steps
             self._norm_every, self._probe_every = sampling_intervals(steps)
-        if not norms:
+        if not n:
             return StepStats.empty()
-        host = torch.stack(norms + cos + ratios).tolist()  # the one device → host read per decision
-        mean, cv, trend = summarize_grad_norms(host[: len(norms)])
+        host = values.tolist()  # the one device → host read per decision
+        mean, cv, trend = summarize_grad_norms(host[:n])
         grad_cos, update_ratio = math.nan, math.nan
-        if cos:
-            k = len(cos)
-            grad_cos = math.fsum(host[len(norms) : len(norms) + k]) / k
-            update_ratio = math.fsum(host[len(norms) + k :]) / k
+        if k:
+            grad_cos = math.fsum(host[n : n + k]) / k
+            update_ratio = math.fsum(host[n + k :]) / k
         return StepStats(steps, mean, cv, trend, update_ratio, grad_cos)

@@ -35,6 +35,26 @@ def test_round_trip_keeps_outputs_and_metadata(tmp_path):
     assert path.stat().st_size < 64 * 1024
 
 
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_act_agrees_with_forward_and_follows_weight_changes(activation):
+    """act() (NumPy, one observation) and forward() (torch, batched) are one computation."""
+    torch.manual_seed(0)
+    net = PolicyNet(N_FEATURES, hidden=(16, 8), activation=activation, obs_mean=torch.randn(N_FEATURES),
+                    obs_std=torch.rand(N_FEATURES) + 0.5)
+    with torch.no_grad():
+        net.action_net.weight.mul_(20.0)  # reach the clip at ±1 too
+    obs = torch.randn(500, N_FEATURES) * 5
+    want = net(obs).detach()[:, 0]
+    got = torch.tensor([net.act(o.numpy()) for o in obs])
+    # float32 rounding, summed in another order: ~1e-7 of the pre-activations (here up to ~20)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert want.abs().max() == 1.0 and want.abs().min() < 0.5
+    net.load_state_dict({k: -v for k, v in net.state_dict().items()})  # in place: the cache follows
+    assert net.act(obs[0].numpy()) == pytest.approx(float(net(obs[:1]).detach()[0, 0]), abs=1e-5)
+    net.double()  # no float32 CPU weights: the torch path
+    assert net.act(obs[0].numpy()) == pytest.approx(float(net(obs[:1].double()).detach()[0, 0]), abs=1e-12)
+
+
 def test_any_header_length_loads(tmp_path):
     """The first byte of a safetensors file is its header length: 0x80 there is not a pickle."""
     net = make_net()
