@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from controller.actions import ActionConfig
@@ -78,14 +77,8 @@ class PolicyNet(nn.Module):
 
     def forward(self, obs: Tensor) -> Tensor:
         """``(..., n_features)`` observations → ``(..., 1)`` actions in [-1, 1]."""
-        # Plain functional calls rather than nested module calls: a scheduler decision is one
-        # observation, where per-module dispatch would cost more than the arithmetic.
         x = ((obs.float() - self.obs_mean) / self.obs_std).clamp(-self.obs_clip, self.obs_clip)
-        act = torch.tanh if self.activation == "tanh" else torch.relu
-        for layer in self.mlp:
-            if isinstance(layer, nn.Linear):
-                x = act(F.linear(x, layer.weight, layer.bias))
-        return F.linear(x, self.action_net.weight, self.action_net.bias).clamp(-1.0, 1.0)
+        return self.action_net(self.mlp(x)).clamp(-1.0, 1.0)
 
     def act(self, obs: Any) -> float:
         """One observation (array-like) → one action as a Python float.
