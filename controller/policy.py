@@ -18,10 +18,6 @@ from controller.actions import ActionConfig
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
-def _np_relu(x: np.ndarray) -> np.ndarray:
-    return np.maximum(x, 0.0)
-
-
 class PolicyNet(nn.Module):
     """Observation vector(s) → action(s) in [-1, 1].
 
@@ -73,7 +69,9 @@ class PolicyNet(nn.Module):
         self.metadata: dict[str, Any] = {}
         """The policy file's metadata (set by ``load_policy``)."""
         self._numpy_ready = False
-        self._numpy_cache: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self._numpy_tensors: list[Tensor] = []
+        self._numpy_version: tuple[int, ...] | None = None
+        self._numpy_cache: tuple[Any, ...] | None = None
 
     def forward(self, obs: Tensor) -> Tensor:
         """``(..., n_features)`` observations → ``(..., 1)`` actions in [-1, 1]."""
@@ -83,38 +81,66 @@ class PolicyNet(nn.Module):
     def act(self, obs: Any) -> float:
         """One observation (array-like) → one action as a Python float.
 
-        The same arithmetic as :meth:`forward`, in NumPy on views of the (CPU, float32) weights: for
-        one 19-vector a dozen torch dispatches cost several times the arithmetic, and a scheduler
-        decision is exactly that. Results agree with :meth:`forward` to float32 rounding.
+        The same computation as :meth:`forward`, in NumPy on float32 CPU weights prepared once
+        (:meth:`_numpy_program`): for one 19-vector, a dozen torch dispatches cost several times the
+        arithmetic, and a scheduler decision is exactly that. Results agree with :meth:`forward` to
+        float32 rounding.
         """
-        layers = self._numpy_layers()
-        if layers is None:  # weights on an accelerator or not float32: torch it is
+        program = self._numpy_program()
+        if program is None:  # weights on an accelerator or not float32: torch it is
             with torch.inference_mode():
                 return float(self.forward(torch.as_tensor(obs, dtype=torch.float32))[0])
-        (mean, std), *hidden, (w_out, b_out) = layers
-        x = np.clip((np.asarray(obs, dtype=np.float32) - mean) / std, -self.obs_clip, self.obs_clip)
-        act = np.tanh if self.activation == "tanh" else _np_relu
-        for w, b in hidden:
-            x = act(w @ x + b)
-        return float(np.clip(w_out @ x + b_out, -1.0, 1.0)[0])
+        lo, hi, x, layers, (w_out, b_out) = program
+        np.minimum(np.maximum(np.asarray(obs, dtype=np.float32), lo, out=x), hi, out=x)  # ufuncs: np.clip's Python layer costs more
+        for w, b, h in layers:
+            np.dot(w, x, out=h)
+            np.add(h, b, out=h)
+            if self.activation == "tanh":
+                np.tanh(h, out=h)
+            else:
+                np.maximum(h, 0.0, out=h)
+            x = h
+        action = float(np.dot(w_out, x) + b_out)  # float32, like forward()'s output
+        return -1.0 if action < -1.0 else 1.0 if action > 1.0 else action
 
-    def _numpy_layers(self) -> list[tuple[np.ndarray, np.ndarray]] | None:
-        """``[(mean, std), (W, b) per hidden layer, (W, b) of the output]`` as NumPy views, or None.
+    def _numpy_program(self) -> tuple[Any, ...] | None:
+        """What :meth:`act` runs, or None when the weights are not float32 on the CPU.
 
-        Views share memory with the tensors, so in-place updates show through; ``.to()``-style moves
-        and ``load_state_dict`` drop the cache (a tensor assigned by hand is not seen: call
-        ``load_state_dict`` instead).
+        ``(lo, hi, x, [(W, b, h) per hidden layer], (w_out, b_out))``: the normalisation is folded
+        into the first layer (``W / std``, ``b - W @ (mean / std)``) and its clip becomes bounds on
+        the raw observation (``mean ± obs_clip · std``); ``x`` and each ``h`` are preallocated
+        outputs. Rebuilt when a weight changes: ``.to()``-style moves and ``load_state_dict`` drop it,
+        and an in-place update shows in the tensors' version counters.
         """
         if not self._numpy_ready:
             tensors = [self.obs_mean, self.obs_std]
             for layer in [*self.mlp, self.action_net]:
                 if isinstance(layer, nn.Linear):
                     tensors += [layer.weight, layer.bias]
-            self._numpy_cache = None
-            if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
-                views = [t.detach().numpy() for t in tensors]
-                self._numpy_cache = list(zip(views[0::2], views[1::2]))
+            self._numpy_tensors = tensors
+            self._numpy_version = None
             self._numpy_ready = True
+        tensors = self._numpy_tensors
+        if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+            return None
+        version = tuple(t._version for t in tensors)
+        if version != self._numpy_version:
+            with torch.no_grad():
+                mean, std, *weights = (t.detach().double().numpy() for t in tensors)
+            f32 = np.float32
+            layers = []
+            for k in range(0, len(weights) - 2, 2):
+                w, b = weights[k], weights[k + 1]
+                if k == 0:
+                    w, b = w / std, b - w @ (mean / std)
+                layers.append((w.astype(f32), b.astype(f32), np.empty(w.shape[0], f32)))
+            w_out, b_out = weights[-2], weights[-1]
+            if not layers:  # no hidden layer: the output layer takes the normalised observation
+                w_out, b_out = w_out / std, b_out - w_out @ (mean / std)
+            bounds = (mean - self.obs_clip * std, mean + self.obs_clip * std)
+            lo, hi = np.minimum(*bounds).astype(f32), np.maximum(*bounds).astype(f32)
+            self._numpy_cache = (lo, hi, np.empty(self.n_features, f32), layers, (w_out[0].astype(f32), f32(b_out[0])))
+            self._numpy_version = version
         return self._numpy_cache
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> PolicyNet:

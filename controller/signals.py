@@ -19,6 +19,7 @@ gradients (``grad_cos`` > 0) mean it creeps along one (LR too low). The update-t
 
 from __future__ import annotations
 
+import array
 import itertools
 import math
 from collections.abc import Sequence
@@ -142,16 +143,27 @@ def probe_values(
 
 
 class _Samples:
-    """Per-step values kept on the device in one growable buffer: a slot write per sample, and one
-    slice to read per decision (cheaper than stacking dozens of scalar tensors at every decision)."""
+    """Per-step values kept on the device in one growable buffer: a slot write per sample, one read
+    per decision (cheaper than stacking dozens of scalar tensors at every decision). On the CPU the
+    buffer's memory is a Python ``array`` shared with the tensor, so the read is no torch op at all."""
 
     def __init__(self, device: torch.device) -> None:
-        self.buffer = torch.empty(64, device=device)
         self.count = 0
+        self.host: array.array[float] | None = None
+        self.buffer = self._allocate(64, device)
+
+    def _allocate(self, size: int, device: torch.device) -> Tensor:
+        if device.type != "cpu":
+            self.host = None
+            return torch.empty(size, device=device)
+        self.host = array.array("f", bytes(4 * size))
+        return torch.frombuffer(self.host, dtype=torch.float32)
 
     def add(self, value: Tensor) -> None:
         if self.count == self.buffer.numel():  # the first epoch samples every step: grow by doubling
-            self.buffer = torch.cat([self.buffer, torch.empty_like(self.buffer)])
+            old = self.buffer
+            self.buffer = self._allocate(2 * old.numel(), old.device)
+            self.buffer[: old.numel()] = old
         self.buffer[self.count] = value
         self.count += 1
 
@@ -275,16 +287,19 @@ class StepStatsHook:
     def collect(self) -> StepStats:
         """Summarise the steps since the last call and start a new window."""
         steps, n, k = self._steps, len(self._norms), len(self._cos)
-        values = torch.cat([self._norms.values(), self._cos.values(), self._ratios.values()])
+        samples = (self._norms, self._cos, self._ratios)
+        if self._norms.host is not None:  # CPU: the buffers' memory, read as Python floats
+            host = [x for s in samples for x in s.host[: s.count]]  # type: ignore[index]
+        else:  # the one device → host read per decision
+            host = torch.cat([s.values() for s in samples]).tolist() if n else []
         self._steps, self._probe = 0, None
-        for samples in (self._norms, self._cos, self._ratios):
-            samples.reset()
+        for s in samples:
+            s.reset()
         if steps:
             self._previous_steps = steps
             self._norm_every, self._probe_every = sampling_intervals(steps)
         if not n:
             return StepStats.empty()
-        host = values.tolist()  # the one device → host read per decision
         mean, cv, trend = summarize_grad_norms(host[:n])
         grad_cos, update_ratio = math.nan, math.nan
         if k:

@@ -51,6 +51,10 @@ def test_act_agrees_with_forward_and_follows_weight_changes(activation):
     assert want.abs().max() == 1.0 and want.abs().min() < 0.5
     net.load_state_dict({k: -v for k, v in net.state_dict().items()})  # in place: the cache follows
     assert net.act(obs[0].numpy()) == pytest.approx(float(net(obs[:1]).detach()[0, 0]), abs=1e-5)
+    with torch.no_grad():  # an in-place update by hand (an optimizer step would do the same)
+        net.mlp[0].weight.mul_(0.1)
+        net.obs_mean.add_(1.0)
+    assert net.act(obs[1].numpy()) == pytest.approx(float(net(obs[1:2]).detach()[0, 0]), abs=1e-5)
     net.double()  # no float32 CPU weights: the torch path
     assert net.act(obs[0].numpy()) == pytest.approx(float(net(obs[:1].double()).detach()[0, 0]), abs=1e-12)
 
