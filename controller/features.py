@@ -61,12 +61,6 @@ def optimizer_kind(optimizer: torch.optim.Optimizer | str) -> str:
     return "other"
 
 
-def _clip(x: float) -> float:
-    if math.isnan(x):
-        return 0.0
-    return min(max(x, -CLIP), CLIP)
-
-
 def _finite_positive(x: float | None) -> bool:
     return x is not None and math.isfinite(x) and x > 0.0
 
@@ -185,7 +179,9 @@ class FeatureBuilder:
             self.best_val = val_loss
         self.prev_train = train_loss if _finite_positive(train_loss) else self.prev_train
         self.prev_val = val_loss if _finite_positive(val_loss) else self.prev_val
-        return np.array([_clip(float(x)) for x in obs], dtype=np.float32)
+        # NaN (x != x) reads as 0; everything else is clipped to [-CLIP, CLIP]
+        return np.array([0.0 if x != x else -CLIP if x < -CLIP else CLIP if x > CLIP else x for x in obs],
+                        dtype=np.float32)
 
     def state_dict(self) -> dict[str, Any]:
         """Primitives only: loads with ``torch.load(..., weights_only=True)``."""

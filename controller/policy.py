@@ -70,7 +70,7 @@ class PolicyNet(nn.Module):
         """The policy file's metadata (set by ``load_policy``)."""
         self._numpy_ready = False
         self._numpy_tensors: list[Tensor] = []
-        self._numpy_version: tuple[int, ...] | None = None
+        self._numpy_version: list[int] | None = None
         self._numpy_cache: tuple[Any, ...] | None = None
 
     def forward(self, obs: Tensor) -> Tensor:
@@ -117,13 +117,15 @@ class PolicyNet(nn.Module):
             for layer in [*self.mlp, self.action_net]:
                 if isinstance(layer, nn.Linear):
                     tensors += [layer.weight, layer.bias]
-            self._numpy_tensors = tensors
+            on_cpu = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            self._numpy_tensors = tensors if on_cpu else []
             self._numpy_version = None
+            self._numpy_cache = None
             self._numpy_ready = True
         tensors = self._numpy_tensors
-        if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        if not tensors:
             return None
-        version = tuple(t._version for t in tensors)
+        version = [t._version for t in tensors]
         if version != self._numpy_version:
             with torch.no_grad():
                 mean, std, *weights = (t.detach().double().numpy() for t in tensors)
