@@ -324,7 +324,7 @@ class MLflowWriter(KVWriter):
         self.tracker = tracker
 
     def write(self, key_values: dict[str, Any], key_excluded: dict[str, Any], step: int = 0) -> None:
-        metrics = {k: v for k, v in key_values.items()
+        metrics = {k: float(v) for k, v in key_values.items()
                    if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)}
         self.tracker.log_metrics(metrics, step)
 

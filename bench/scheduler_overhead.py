@@ -118,14 +118,15 @@ def main() -> None:
             if k == "policy" and e >= 2:
                 hook_ms.append(1e3 * in_hook[0] / STEPS)
             scheduler = policy if k == "policy" else cosine if k == "cosine" else None
-            saved = None if scheduler is None else (scheduler.state_dict(), [g["lr"] for g in opt.param_groups])
+            state = None if scheduler is None else scheduler.state_dict()
+            lrs = [group["lr"] for group in opt.param_groups]
             decided = decide(scheduler, train_loss, device)
             if k == "policy":
                 hook.remove()
             for _ in range(3):  # the same decision again from the same state, until the caches are warm
-                if scheduler is not None:
-                    scheduler.load_state_dict(saved[0])
-                    for group, lr in zip(opt.param_groups, saved[1]):
+                if scheduler is not None and state is not None:
+                    scheduler.load_state_dict(state)
+                    for group, lr in zip(opt.param_groups, lrs):
                         group["lr"] = lr
                 again = decide(scheduler, train_loss, device)
             if e >= 2:  # two warm-up rounds

@@ -283,7 +283,7 @@ def evaluate_policy(
     progress: Callable[[int], None] | None = None,
 ) -> Evaluation:
     """The full protocol of this module's docstring: policy, baselines and oracle on ``families``."""
-    jobs = []
+    jobs: list[tuple[TaskConfig, str, PolicyNet | None, int, float, str]] = []
     for family in families:
         for multiplier in ORACLE_GRID:
             for i, task in enumerate(evaluation_tasks(family, seeds, multiplier)):

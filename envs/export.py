@@ -52,8 +52,8 @@ def policy_from_state_dict(state: dict[str, torch.Tensor], activation: str) -> P
 
 def policy_from_sb3(policy: nn.Module) -> PolicyNet:
     """A live SB3 ``ActorCriticPolicy`` (e.g. ``model.policy``) → :class:`PolicyNet`."""
-    act = type(policy.activation_fn).__name__ if isinstance(policy.activation_fn, nn.Module) else \
-        policy.activation_fn.__name__  # type: ignore[union-attr]
+    fn = policy.activation_fn
+    act = type(fn).__name__ if isinstance(fn, nn.Module) else getattr(fn, "__name__", repr(fn))
     if act not in _ACTIVATION_NAMES:
         raise ValueError(f"activation {act} is not supported by PolicyNet ({sorted(_ACTIVATION_NAMES)})")
     return policy_from_state_dict(policy.state_dict(), _ACTIVATION_NAMES[act])
