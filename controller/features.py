@@ -179,9 +179,8 @@ class FeatureBuilder:
             self.best_val = val_loss
         self.prev_train = train_loss if _finite_positive(train_loss) else self.prev_train
         self.prev_val = val_loss if _finite_positive(val_loss) else self.prev_val
-        # NaN (x != x) reads as 0; everything else is clipped to [-CLIP, CLIP]
-        return np.array([0.0 if x != x else -CLIP if x < -CLIP else CLIP if x > CLIP else x for x in obs],
-                        dtype=np.float32)
+        # NaN reads as 0; everything else is clipped to [-CLIP, CLIP]
+        return np.array([0.0 if math.isnan(x) else min(max(x, -CLIP), CLIP) for x in obs], dtype=np.float32)
 
     def state_dict(self) -> dict[str, Any]:
         """Primitives only: loads with ``torch.load(..., weights_only=True)``."""

@@ -101,7 +101,7 @@ class PolicyNet(nn.Module):
                 np.maximum(h, 0.0, out=h)
             x = h
         action = float(np.dot(w_out, x) + b_out)  # float32, like forward()'s output
-        return -1.0 if action < -1.0 else 1.0 if action > 1.0 else action
+        return min(max(action, -1.0), 1.0)
 
     def _numpy_program(self) -> tuple[Any, ...] | None:
         """What :meth:`act` runs, or None when the weights are not float32 on the CPU.
