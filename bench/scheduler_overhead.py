@@ -14,11 +14,11 @@ on this CPU (memory placement), more than the effect measured. Step time exclude
 on a shared VM the wall-clock difference between rounds swings by more than the effect (the cosine
 row, which adds no per-step work, shows how much).
 
-The decision (``scheduler.step(val_loss, train_loss=...)``) is timed twice: right after an epoch,
-with the caches an epoch leaves behind (``ms/decision``, what a training loop sees), then once more
-from the same state restored with ``load_state_dict``, three times (``warm ms/decision``, the third:
-the same work with warm caches, the scheduler's own cost). On the shared VMs here anything run after tens of milliseconds of
-other work costs several times its warm cost (``CosineAnnealingLR.step`` too; see its row).
+The decision (``scheduler.step(val_loss, train_loss=...)``) is timed right after an epoch, with the
+caches an epoch leaves behind (``ms/decision``, what a training loop sees), then three more times
+from the same state restored with ``load_state_dict`` (``warm ms/decision``, the third: the same
+work with warm caches, the scheduler's own cost). On the shared VMs here anything run after tens of
+milliseconds of other work costs several times its warm cost (``CosineAnnealingLR.step`` too).
 
 Targets: ≤ 2 % added step time, ≤ 0.1 ms per decision. Ends with three machine-readable lines:
 ``overhead_pct <value>``, ``decision_ms <value>`` (right after an epoch) and ``decision_ms_warm <value>``.
