@@ -59,11 +59,24 @@ def test_act_agrees_with_forward_and_follows_weight_changes(activation):
     assert net.act(obs[0].numpy()) == pytest.approx(float(net(obs[:1].double()).detach()[0, 0]), abs=1e-12)
 
 
+@pytest.mark.parametrize("hidden", [(), (8,), (16, 8, 4)])
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_act_agrees_with_forward_at_any_depth(hidden, activation):
+    """act() folds each bias into its matrix and the normalisation into the first one: any depth, even none."""
+    torch.manual_seed(1)
+    net = PolicyNet(N_FEATURES, hidden=hidden, activation=activation, obs_mean=torch.randn(N_FEATURES),
+                    obs_std=torch.rand(N_FEATURES) + 0.5)
+    obs = torch.randn(200, N_FEATURES) * 5
+    want = net(obs).detach()[:, 0]
+    torch.testing.assert_close(torch.tensor([net.act(o.numpy()) for o in obs]), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor([net.act(o.tolist()) for o in obs]), want, atol=1e-5, rtol=1e-5)
+
+
 def test_any_header_length_loads(tmp_path):
     """The first byte of a safetensors file is its header length: 0x80 there is not a pickle."""
     net = make_net()
     first_bytes = set()
-    for pad in range(0, 64):
+    for pad in range(64):
         path = save_policy(tmp_path / f"p{pad}.safetensors", net, description="x" * (8 * pad))
         first_bytes.add(path.read_bytes()[0])
         load_policy(path)
