@@ -83,38 +83,34 @@ class PolicyNet(nn.Module):
 
         The same computation as :meth:`forward`, in NumPy on float32 CPU weights prepared once
         (:meth:`_numpy_program`): for one 19-vector, a dozen torch dispatches cost several times the
-        arithmetic, and a scheduler decision is exactly that. Seven NumPy calls: the clip, then one
-        ``dot`` and one activation per hidden layer (each bias rides in its matrix as a last column
-        against a constant 1), then the output ``dot``. Results agree with :meth:`forward` to float32
-        rounding.
+        arithmetic, and a scheduler decision is exactly that. Results agree with :meth:`forward` to
+        float32 rounding.
         """
         program = self._numpy_program()
         if program is None:  # weights on an accelerator or not float32: torch it is
             with torch.inference_mode():
                 return float(self.forward(torch.as_tensor(obs, dtype=torch.float32))[0])
-        lo, hi, x, layers, out = program
-        head = x[:-1]  # x = [observation, 1]
-        np.minimum(np.maximum(obs, lo, out=head), hi, out=head)  # ufuncs: np.clip's Python layer costs more
-        for w, h in layers:  # h = [activation, 1]
-            head = h[:-1]
-            np.dot(w, x, out=head)
+        lo, hi, x, layers, (w_out, b_out) = program
+        np.minimum(np.maximum(np.asarray(obs, dtype=np.float32), lo, out=x), hi, out=x)  # ufuncs: np.clip's Python layer costs more
+        for w, b, h in layers:
+            np.dot(w, x, out=h)
+            np.add(h, b, out=h)
             if self.activation == "tanh":
-                np.tanh(head, out=head)
+                np.tanh(h, out=h)
             else:
-                np.maximum(head, 0.0, out=head)
+                np.maximum(h, 0.0, out=h)
             x = h
-        action = float(np.dot(out, x))  # float32, like forward()'s output
+        action = float(np.dot(w_out, x) + b_out)  # float32, like forward()'s output
         return min(max(action, -1.0), 1.0)
 
     def _numpy_program(self) -> tuple[Any, ...] | None:
         """What :meth:`act` runs, or None when the weights are not float32 on the CPU.
 
-        ``(lo, hi, x, [(W, h) per hidden layer], w_out)``. Every matrix carries its bias as a last
-        column and every input buffer (``x``, each ``h``) ends in a constant 1, so a layer is one
-        ``dot`` into its buffer's head. The normalisation is folded into the first layer (``W / std``,
-        ``b - W @ (mean / std)``) and its clip becomes bounds on the raw observation
-        (``mean ± obs_clip · std``). Rebuilt when a weight changes: ``.to()``-style moves and
-        ``load_state_dict`` drop it, and an in-place update shows in the tensors' version counters.
+        ``(lo, hi, x, [(W, b, h) per hidden layer], (w_out, b_out))``: the normalisation is folded
+        into the first layer (``W / std``, ``b - W @ (mean / std)``) and its clip becomes bounds on
+        the raw observation (``mean ± obs_clip · std``); ``x`` and each ``h`` are preallocated
+        outputs. Rebuilt when a weight changes: ``.to()``-style moves and ``load_state_dict`` drop it,
+        and an in-place update shows in the tensors' version counters.
         """
         if not self._numpy_ready:
             tensors = [self.obs_mean, self.obs_std]
@@ -134,15 +130,18 @@ class PolicyNet(nn.Module):
             with torch.no_grad():
                 mean, std, *weights = (t.detach().double().numpy() for t in tensors)
             f32 = np.float32
-            # (W, b) per layer, the first with the normalisation folded in
-            pairs = [(weights[k], weights[k + 1]) for k in range(0, len(weights), 2)]
-            w, b = pairs[0]
-            pairs[0] = (w / std, b - w @ (mean / std))
-            affine = [np.concatenate([w, b[:, None]], axis=1).astype(f32) for w, b in pairs]
-            layers = [(a, np.ones(a.shape[0] + 1, f32)) for a in affine[:-1]]
+            layers = []
+            for k in range(0, len(weights) - 2, 2):
+                w, b = weights[k], weights[k + 1]
+                if k == 0:
+                    w, b = w / std, b - w @ (mean / std)
+                layers.append((w.astype(f32), b.astype(f32), np.empty(w.shape[0], f32)))
+            w_out, b_out = weights[-2], weights[-1]
+            if not layers:  # no hidden layer: the output layer takes the normalised observation
+                w_out, b_out = w_out / std, b_out - w_out @ (mean / std)
             bounds = (mean - self.obs_clip * std, mean + self.obs_clip * std)
             lo, hi = np.minimum(*bounds).astype(f32), np.maximum(*bounds).astype(f32)
-            self._numpy_cache = (lo, hi, np.ones(self.n_features + 1, f32), layers, affine[-1][0])
+            self._numpy_cache = (lo, hi, np.empty(self.n_features, f32), layers, (w_out[0].astype(f32), f32(b_out[0])))
             self._numpy_version = version
         return self._numpy_cache
 

@@ -62,7 +62,7 @@ def test_act_agrees_with_forward_and_follows_weight_changes(activation):
 @pytest.mark.parametrize("hidden", [(), (8,), (16, 8, 4)])
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 def test_act_agrees_with_forward_at_any_depth(hidden, activation):
-    """act() folds each bias into its matrix and the normalisation into the first one: any depth, even none."""
+    """act() folds the normalisation into the first layer (the output layer when there is none): any depth."""
     torch.manual_seed(1)
     net = PolicyNet(N_FEATURES, hidden=hidden, activation=activation, obs_mean=torch.randn(N_FEATURES),
                     obs_std=torch.rand(N_FEATURES) + 0.5)
