@@ -148,8 +148,9 @@ def main() -> None:
     # The wall-clock difference between rounds is noisier than the effect on a shared VM (see the
     # cosine row, which adds no per-step work); the time measured inside the hook is the overhead.
     overhead = 100 * statistics.median(hook_ms) / base
+    wall = 100 * (statistics.median(step_ms["policy"]) / base - 1)
     print(f"\nhook work per optimizer step: {statistics.median(hook_ms) * 1e3:.1f} us = {overhead:.2f} % of a "
-          f"{base:.3f} ms step (wall-clock difference between rounds: {100 * (statistics.median(step_ms['policy']) / base - 1):+.2f} %)")
+          f"{base:.3f} ms step (wall-clock difference between rounds: {wall:+.2f} %)")
     cold, warm = statistics.median(decision_ms["policy"]), statistics.median(warm_ms["policy"])
     cosine_cold, cosine_warm = statistics.median(decision_ms["cosine"]), statistics.median(warm_ms["cosine"])
     print(f"decision right after an epoch: {cold * 1e3:.0f} us; the same decision again with warm caches: "

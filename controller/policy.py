@@ -91,7 +91,8 @@ class PolicyNet(nn.Module):
             with torch.inference_mode():
                 return float(self.forward(torch.as_tensor(obs, dtype=torch.float32))[0])
         lo, hi, x, layers, (w_out, b_out) = program
-        np.minimum(np.maximum(np.asarray(obs, dtype=np.float32), lo, out=x), hi, out=x)  # ufuncs: np.clip's Python layer costs more
+        # the clip as two ufuncs: np.clip's Python layer costs more
+        np.minimum(np.maximum(np.asarray(obs, dtype=np.float32), lo, out=x), hi, out=x)
         for w, b, h in layers:
             np.dot(w, x, out=h)
             np.add(h, b, out=h)
