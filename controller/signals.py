@@ -20,6 +20,7 @@ gradients (``grad_cos`` > 0) mean it creeps along one (LR too low). The update-t
 from __future__ import annotations
 
 import array
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -164,7 +165,10 @@ class _Samples:
             old = self.buffer
             self.buffer = self._allocate(2 * old.numel(), old.device)
             self.buffer[: old.numel()] = old
-        self.buffer[self.count] = value
+        if self.host is not None:  # CPU: one scalar read; a tensor slot write costs several dispatches more
+            self.host[self.count] = float(value)
+        else:
+            self.buffer[self.count] = value
         self.count += 1
 
     def values(self) -> Tensor:
@@ -177,6 +181,60 @@ class _Samples:
 
     def __len__(self) -> int:
         return self.count
+
+
+class _ProbePlan:
+    """Where a probe pair's vectors go, for one set of parameters: a buffer kept between probes.
+
+    ``buffer[step, 0 | 1]`` holds the gradient and the weights at the pair's first and second step,
+    whole or on the :func:`probe_coordinates` sketch, in ``parameters_to_vector`` order: the values
+    flattening and concatenating would give. Each parameter's part is a view made once, so filling a
+    vector is one ``_foreach_copy_`` when compared whole and one ``index_select(..., out=)`` per
+    parameter on the sketch: several times fewer dispatches than flattening and concatenating at
+    every probe, and dispatches are most of what a probe costs.
+    """
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = params
+        sizes = [p.numel() for p in params]
+        device = params[0].device
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in params))
+        self.sketched = (index := probe_coordinates(sum(sizes), device)) is not None
+        bounds = list(itertools.accumulate(sizes, initial=0))
+        if index is None:
+            self.buffer = torch.empty(2, 2, bounds[-1], dtype=dtype, device=device)
+            self.whole = [
+                [[self.buffer[step, kind, lo:hi].view(p.shape) for p, lo, hi in zip(params, bounds, bounds[1:])]
+                 for kind in range(2)]
+                for step in range(2)
+            ]
+        else:
+            split = [index[(index >= lo) & (index < hi)] - lo for lo, hi in itertools.pairwise(bounds)]
+            found = [(j, i) for j, i in enumerate(split) if len(i)]
+            ends = list(itertools.accumulate((len(i) for _, i in found), initial=0))
+            self.buffer = torch.empty(2, 2, ends[-1], dtype=dtype, device=device)
+            # (parameter position, its sketch coordinates, where they go) for the parameters the sketch touches
+            self.sketch = [
+                [[(j, i, self.buffer[step, kind, lo:hi]) for (j, i), lo, hi in zip(found, ends, ends[1:])]
+                 for kind in range(2)]
+                for step in range(2)
+            ]
+        # same dtype and device everywhere: index_select writes straight into the buffer; else copy_ converts
+        self.direct = all(p.dtype == dtype and p.device == device for p in params)
+        self.vectors = [(self.buffer[step, 0], self.buffer[step, 1]) for step in range(2)]
+
+    def fill(self, step: int, grads: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Copy the gradients and the current weights into ``buffer[step]``; returns its two vectors."""
+        for kind, tensors in enumerate((grads, self.params)):
+            if not self.sketched:
+                torch._foreach_copy_(self.whole[step][kind], tensors)
+            elif self.direct:
+                for j, i, out in self.sketch[step][kind]:
+                    torch.index_select(tensors[j].reshape(-1), 0, i, out=out)
+            else:
+                for j, i, out in self.sketch[step][kind]:
+                    out.copy_(tensors[j].reshape(-1).index_select(0, i))
+        return self.vectors[step]
 
 
 class StepStatsHook:
@@ -210,7 +268,7 @@ class StepStatsHook:
         device = self.params[0].device if self.params else torch.device("cpu")
         self._norms, self._cos, self._ratios = _Samples(device), _Samples(device), _Samples(device)
         self._probe: tuple[Tensor, Tensor, list[int]] | None = None  # gradient, weights, which parameters
-        self._plans: dict[tuple[int, ...], list[Tensor] | None] = {}  # probe_coordinates split per parameter
+        self._plans: dict[tuple[int, ...], _ProbePlan] = {}  # per set of parameters with gradients
         self._handle = optimizer.register_step_post_hook(self._after_step)
 
     def remove(self) -> None:
@@ -237,33 +295,21 @@ class StepStatsHook:
             grad_prev, weight_prev, started = self._probe  # type: ignore[misc]
             self._probe = None
             if started == watched:  # the same parameters had gradients at both steps
-                grad, weight = self._probe_vectors(watched, grads)  # type: ignore[arg-type]
+                grad, weight = self._probe_vectors(watched, grads, 1)  # type: ignore[arg-type]
                 cos, ratio = probe_values(grad_prev, grad, weight_prev, weight)
                 self._cos.add(cos)
                 self._ratios.add(ratio)
         elif probe_start:
-            self._probe = (*self._probe_vectors(watched, grads), watched)  # type: ignore[arg-type]
+            self._probe = (*self._probe_vectors(watched, grads, 0), watched)  # type: ignore[arg-type]
 
-    def _probe_vectors(self, watched: list[int], grads: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """The probe's gradient and weight vectors: whole, or the :func:`probe_coordinates` sketch."""
-        key = tuple(watched)
-        if key not in self._plans:  # once per set of parameters with gradients (usually once)
-            sizes = [self.params[i].numel() for i in watched]
-            index = probe_coordinates(sum(sizes), self.params[watched[0]].device)
-            plan = None
-            if index is not None:
-                bounds = torch.tensor([0, *sizes], device=index.device).cumsum(0).tolist()
-                plan = [index[(index >= lo) & (index < hi)] - lo for lo, hi in itertools.pairwise(bounds)]
-            self._plans[key] = plan
-        plan = self._plans[key]
-        weights = [self.params[i] for i in watched]
-        if plan is None:
-            return torch.cat([g.reshape(-1) for g in grads]), torch.cat([w.reshape(-1) for w in weights])
-
-        def take(tensors: list[Tensor]) -> Tensor:
-            return torch.cat([t.reshape(-1).index_select(0, i) for t, i in zip(tensors, plan) if i.numel()])
-
-        return take(grads), take(weights)
+    def _probe_vectors(self, watched: list[int], grads: list[Tensor], step: int) -> tuple[Tensor, Tensor]:
+        """The probe's gradient and weight vectors at the pair's first (``step`` 0) or second step (1)."""
+        plan = self._plans.get(key := tuple(watched))
+        if plan is None:  # once per set of parameters with gradients (usually once)
+            if len(self._plans) >= 8:  # sets that keep changing: bound the buffers kept
+                self._plans.clear()
+            plan = self._plans[key] = _ProbePlan([self.params[i] for i in watched])
+        return plan.fill(step, grads)
 
     def state_dict(self) -> dict[str, object]:
         """The current window as plain numbers (a pending probe pair is dropped)."""

@@ -15,6 +15,7 @@ from controller.signals import (
     PROBE_COORDS,
     StepStats,
     StepStatsHook,
+    _ProbePlan,
     probe_coordinates,
     probe_values,
     summarize_grad_norms,
@@ -165,6 +166,40 @@ def test_hook_probes_a_sketch_of_large_models_by_hand():
     assert stats.grad_cos == pytest.approx(cos, rel=1e-5)
     ratio = ((weights[1] - weights[0]).norm() / weights[0].norm()).item()
     assert stats.update_ratio == pytest.approx(ratio, rel=1e-5)
+
+
+@pytest.mark.parametrize("rows", [40, 300], ids=["whole", "sketch"])
+@pytest.mark.parametrize("mixed", [False, True], ids=["float32", "float32+float64"])
+def test_probe_plan_fills_exactly_what_flattening_and_concatenating_gives(rows, mixed):
+    """The probe's preallocated buffer holds the very values ``torch.cat`` of the flattened tensors
+    (indexed by probe_coordinates above PROBE_COORDS) gives: a non-contiguous parameter, a second
+    dtype, and the pair's first vectors surviving the second fill included."""
+    torch.manual_seed(0)
+    params = [
+        torch.nn.Parameter(torch.randn(256, rows).t()),  # non-contiguous
+        torch.nn.Parameter(torch.randn(256, dtype=torch.float64 if mixed else torch.float32)),
+        torch.nn.Parameter(torch.randn(3, 5)),
+    ]
+    plan = _ProbePlan(params)
+    index = probe_coordinates(sum(p.numel() for p in params))
+    assert plan.sketched == (index is not None) and plan.direct == (not mixed)
+
+    def reference(tensors):
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        return flat if index is None else flat[index]
+
+    filled = []
+    for step in range(2):
+        grads = [torch.randn(256, rows).t(), *(torch.randn_like(p) for p in params[1:])]  # one non-contiguous
+        with torch.no_grad():  # as inside the hook
+            for p in params:
+                p.add_(0.1)
+            grad, weight = plan.fill(step, grads)
+        filled.append((grad, weight))
+        expected = (reference(grads), reference([p.detach() for p in params]))
+        assert all(torch.equal(a, b) for a, b in zip((grad, weight), expected))
+        filled[-1] = tuple(t.clone() for t in filled[-1]) + expected
+    assert torch.equal(plan.vectors[0][0], filled[0][2]), "the second fill left the first step's vectors alone"
 
 
 def test_summarize_grad_norms_by_hand():
