@@ -143,6 +143,20 @@ def probe_values(
     return cos, ratio
 
 
+def _norm_view(grad: Tensor) -> Tensor:
+    """A gradient in a form ``torch._foreach_norm`` takes, with the same L2 norm.
+
+    Sparse gradients (``nn.Embedding(sparse=True)`` under ``SparseAdam``, ``SGD`` or ``Adagrad``) are
+    not strided: a COO gradient gives its coalesced values (duplicate indices summed, no dense copy),
+    any other layout its dense form.
+    """
+    if grad.layout == torch.strided:
+        return grad
+    if grad.is_sparse:
+        return grad.coalesce().values()
+    return grad.to_dense()
+
+
 class _Samples:
     """Per-step values kept on the device in one growable buffer: a slot write per sample, one read
     per decision (cheaper than stacking dozens of scalar tensors at every decision). On the CPU the
@@ -288,19 +302,23 @@ class StepStatsHook:
         watched = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not watched:
             return
-        grads = [self.params[i].grad for i in watched]
+        grads: list[Tensor] = [self.params[i].grad for i in watched]  # type: ignore[misc]  # None filtered above
+        sparse = any(g.layout != torch.strided for g in grads)
         if index % self._norm_every == 0:
-            self._norms.add(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))  # type: ignore[arg-type]
+            norm_of = [_norm_view(g) for g in grads] if sparse else grads
+            self._norms.add(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(norm_of))))
+        if sparse and (probe_start or probe_end):  # a probe compares coordinates: read sparse gradients dense
+            grads = [g.to_dense() for g in grads]
         if probe_end:
             grad_prev, weight_prev, started = self._probe  # type: ignore[misc]
             self._probe = None
             if started == watched:  # the same parameters had gradients at both steps
-                grad, weight = self._probe_vectors(watched, grads, 1)  # type: ignore[arg-type]
+                grad, weight = self._probe_vectors(watched, grads, 1)
                 cos, ratio = probe_values(grad_prev, grad, weight_prev, weight)
                 self._cos.add(cos)
                 self._ratios.add(ratio)
         elif probe_start:
-            self._probe = (*self._probe_vectors(watched, grads, 0), watched)  # type: ignore[arg-type]
+            self._probe = (*self._probe_vectors(watched, grads, 0), watched)
 
     def _probe_vectors(self, watched: list[int], grads: list[Tensor], step: int) -> tuple[Tensor, Tensor]:
         """The probe's gradient and weight vectors at the pair's first (``step`` 0) or second step (1)."""

@@ -202,6 +202,33 @@ def test_probe_plan_fills_exactly_what_flattening_and_concatenating_gives(rows, 
     assert torch.equal(plan.vectors[0][0], filled[0][2]), "the second fill left the first step's vectors alone"
 
 
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adagrad])
+def test_hook_reads_sparse_gradients_as_their_dense_equivalent(optimizer):
+    """nn.Embedding(sparse=True) gives uncoalesced COO gradients (a repeated index is two entries):
+    the hook's norms and probe equal those of the dense gradients, and nothing crashes."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(20, 4, sparse=True)
+    head = torch.nn.Linear(4, 1)
+    opt = optimizer([*emb.parameters(), *head.parameters()], lr=0.1)
+    hook = StepStatsHook(opt)
+    norms, grads, weights = [], [], []
+    for tokens in ([3, 3, 7, 11], [3, 5, 5, 5]):
+        opt.zero_grad()
+        (head(emb(torch.tensor(tokens))) ** 2).sum().backward()
+        assert emb.weight.grad.is_sparse and not emb.weight.grad.is_coalesced()
+        dense = torch.cat([emb.weight.grad.to_dense().reshape(-1), head.weight.grad.reshape(-1), head.bias.grad])
+        norms.append(dense.norm().item())
+        grads.append(dense)
+        opt.step()
+        weights.append(torch.cat([p.detach().reshape(-1) for p in (emb.weight, head.weight, head.bias)]))
+    stats = hook.collect()
+    assert stats.steps == 2
+    assert stats.grad_norm_mean == pytest.approx(np.mean(norms), rel=1e-6)
+    assert stats.grad_cos == pytest.approx(torch.nn.functional.cosine_similarity(*grads, dim=0).item(), rel=1e-5)
+    ratio = ((weights[1] - weights[0]).norm() / weights[0].norm()).item()
+    assert stats.update_ratio == pytest.approx(ratio, rel=1e-5)
+
+
 def test_summarize_grad_norms_by_hand():
     mean, cv, trend = summarize_grad_norms([1.0, 3.0, 2.0, 6.0])
     assert mean == pytest.approx(3.0)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from controller import N_FEATURES, PolicyNet, PolicyScheduler
+from controller import FEATURE_NAMES, N_FEATURES, PolicyNet, PolicyScheduler
 from envs import EnvConfig, LRControlEnv, TorchRun, get_family, resolve_device
 
 
@@ -84,6 +84,46 @@ def test_several_param_groups_keep_their_ratio():
         assert sched.get_last_lr() == [lr0, lr1]
         seen.add(lr0)
     assert len(seen) > 1
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "sparse", "lr", "kwargs"),
+    [
+        (torch.optim.SparseAdam, True, 1e-2, {}),
+        (torch.optim.SGD, True, 1e-2, {}),
+        (torch.optim.Adagrad, True, 1e-2, {}),
+        (torch.optim.RMSprop, False, 1e-3, {}),
+        (torch.optim.LBFGS, False, 0.1, {"max_iter": 2}),
+    ],
+    ids=["SparseAdam", "SGD-sparse", "Adagrad-sparse", "RMSprop", "LBFGS"],
+)
+def test_any_torch_optimizer_sparse_gradients_included(optimizer, sparse, lr, kwargs):
+    """"Works with any optimizer": sparse embedding gradients (SparseAdam, SGD, Adagrad) and LBFGS's
+    closure steps too. The hook's signals are seen, every observation is finite and the LR moves."""
+    torch.manual_seed(0)
+    emb, head = torch.nn.Embedding(30, 8, sparse=sparse), torch.nn.Linear(8, 1)
+    params = [*emb.parameters()] if optimizer is torch.optim.SparseAdam else [*emb.parameters(), *head.parameters()]
+    opt = optimizer(params, lr=lr, **kwargs)
+    sched = PolicyScheduler(opt, total_epochs=6, policy=random_policy(3))
+    gen = torch.Generator().manual_seed(1)
+    tokens, y = torch.randint(0, 30, (64, 5), generator=gen), torch.randn(64, 1, generator=gen)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(head(emb(tokens).mean(1)), y)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        for _ in range(10):
+            loss = opt.step(closure)
+        sched.step(loss.item() * 1.1, train_loss=loss.item())
+    assert emb.weight.grad.is_sparse == sparse
+    obs = np.array([h["obs"] for h in sched.history])
+    hook_columns = [FEATURE_NAMES.index(n) for n in ("log_grad_norm_rel_first", "grad_cos", "log10_update_ratio")]
+    assert np.isfinite(obs).all() and (obs[1:, hook_columns] != 0).all(), "the hook's signals were seen"
+    lrs = [h["lr"] for h in sched.history]
+    assert all(math.isfinite(lr) and lr > 0 for lr in lrs) and len(set(lrs)) > 1
 
 
 def test_step_without_metric_leaves_lr_unchanged(tiny_mlp):
