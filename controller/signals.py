@@ -209,6 +209,9 @@ class _ProbePlan:
     """
 
     def __init__(self, params: list[Tensor]) -> None:
+        # complex parameters are compared through their real and imaginary parts (a real cosine and ratio)
+        self.complex = any(p.is_complex() for p in params)
+        params = [torch.view_as_real(p) if p.is_complex() else p for p in params]
         self.params = params
         sizes = [p.numel() for p in params]
         device = params[0].device
@@ -239,6 +242,8 @@ class _ProbePlan:
 
     def fill(self, step: int, grads: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Copy the gradients and the current weights into ``buffer[step]``; returns its two vectors."""
+        if self.complex:
+            grads = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
         for kind, tensors in enumerate((grads, self.params)):
             if not self.sketched:
                 torch._foreach_copy_(self.whole[step][kind], tensors)

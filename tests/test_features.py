@@ -229,6 +229,38 @@ def test_hook_reads_sparse_gradients_as_their_dense_equivalent(optimizer):
     assert stats.update_ratio == pytest.approx(ratio, rel=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "rel"),
+    [(torch.bfloat16, 2e-2), (torch.float64, 1e-6), (torch.complex64, 1e-5)],
+    ids=["bfloat16", "float64", "complex64"],
+)
+def test_hook_by_hand_in_other_dtypes(dtype, rel):
+    """Half precision, double and complex parameters: the signals match a by-hand float64 computation
+    (complex ones compared through their real and imaginary parts; samples are kept in float32), and
+    nothing crashes."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3, dtype=dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    hook = StepStatsHook(opt)
+
+    def flat(tensors):
+        return torch.cat([(torch.view_as_real(t) if t.is_complex() else t).double().reshape(-1) for t in tensors])
+
+    norms, grads, weights = [], [], []
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(5, 6, dtype=dtype)).abs().float().pow(2).sum().backward()
+        grads.append(flat([p.grad for p in model.parameters()]))
+        norms.append(grads[-1].norm().item())
+        opt.step()
+        weights.append(flat([p.detach() for p in model.parameters()]))
+    stats = hook.collect()
+    assert stats.grad_norm_mean == pytest.approx(np.mean(norms), rel=rel)
+    assert stats.grad_cos == pytest.approx(torch.nn.functional.cosine_similarity(*grads, dim=0).item(), rel=rel)
+    ratio = ((weights[1] - weights[0]).norm() / weights[0].norm()).item()
+    assert stats.update_ratio == pytest.approx(ratio, rel=rel)
+
+
 def test_summarize_grad_norms_by_hand():
     mean, cv, trend = summarize_grad_norms([1.0, 3.0, 2.0, 6.0])
     assert mean == pytest.approx(3.0)
