@@ -72,14 +72,16 @@ class PolicyScheduler(LRScheduler):
     carries on. The LR is never set to NaN or 0.
 
     Args:
-        optimizer: any ``torch.optim.Optimizer``, any number of param groups, on CPU or CUDA.
+        optimizer: any ``torch.optim.Optimizer``, any number of param groups, on CPU or CUDA. Groups
+            added later (progressive unfreezing) follow the same factor and are watched by the hook.
         total_epochs: the run's epoch budget (decisions expected: one per epoch). None defers it to a
             trainer integration, which calls :meth:`set_total_epochs` from the trainer's plan before
             the first decision (Hugging Face: the number of evaluations; Lightning: ``max_epochs``).
         policy: a policy file path, an already loaded :class:`PolicyNet`, or None for the bundled
             default policy.
-        min_lr: lower bound(s) on each group's LR (a float or one per group).
-        max_lr: upper bound(s) on each group's LR.
+        min_lr: lower bound(s) on each group's LR (a float or one per group). A float also bounds
+            groups added later with ``optimizer.add_param_group``; per-group lists leave those unbounded.
+        max_lr: upper bound(s) on each group's LR, likewise.
         last_epoch: as in other torch schedulers; leave at -1 and use :meth:`load_state_dict` to resume.
 
     Attributes:
@@ -114,6 +116,12 @@ class PolicyScheduler(LRScheduler):
         n_groups = len(optimizer.param_groups)
         self.min_lrs = _per_group(min_lr, n_groups, "min_lr")
         self.max_lrs = _per_group(max_lr, n_groups, "max_lr")
+        # bounds for param groups added later (optimizer.add_param_group, e.g. Lightning's BaseFinetuning):
+        # a single min_lr / max_lr applies to them too; per-group lists did not name them, so none
+        self._later_bounds = (
+            0.0 if isinstance(min_lr, (list, tuple)) else self.min_lrs[0],
+            math.inf if isinstance(max_lr, (list, tuple)) else self.max_lrs[0],
+        )
         if any(lo > hi for lo, hi in zip(self.min_lrs, self.max_lrs)):
             raise ValueError(f"min_lr {self.min_lrs} exceeds max_lr {self.max_lrs}")
         lr0 = float(optimizer.param_groups[0]["lr"])
@@ -255,6 +263,9 @@ class PolicyScheduler(LRScheduler):
             action, cut = None, True
             new_lr = max(lr * self.action_config.cut_factor, self.initial_lr * self.action_config.min_ratio)
         factor = new_lr / lr
+        for _ in range(len(self.optimizer.param_groups) - len(self.min_lrs)):  # groups added since
+            self.min_lrs.append(self._later_bounds[0])
+            self.max_lrs.append(self._later_bounds[1])
         for group, lo, hi in zip(self.optimizer.param_groups, self.min_lrs, self.max_lrs):
             group["lr"] = min(max(float(group["lr"]) * factor, lo), hi)
         self._last_lr = self.get_lr()

@@ -268,7 +268,10 @@ class StepStatsHook:
     stays small however large the model.
 
     Args:
-        optimizer: any ``torch.optim.Optimizer``; all parameters with ``requires_grad`` are watched.
+        optimizer: any ``torch.optim.Optimizer``. Every parameter of its param groups is watched on
+            the steps where it has a gradient (frozen ones, and unfrozen ones once they train), groups
+            added later with ``add_param_group`` included. Sparse gradients (``nn.Embedding(sparse=True)``)
+            and complex parameters are read as their dense, real equivalents.
 
     Example:
         >>> hook = StepStatsHook(optimizer)
@@ -278,23 +281,31 @@ class StepStatsHook:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.params: list[Tensor] = [
-            p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
-        ]
+        self.params: list[Tensor] = []
+        self._groups = 0
+        self._probe: tuple[Tensor, Tensor, list[int]] | None = None  # gradient, weights, which parameters
+        self._plans: dict[tuple[int, ...], _ProbePlan] = {}  # per set of parameters with gradients
+        self._watch(optimizer)
         self._steps = 0
         self._previous_steps = 0
         self._norm_every, self._probe_every = sampling_intervals(0)
         device = self.params[0].device if self.params else torch.device("cpu")
         self._norms, self._cos, self._ratios = _Samples(device), _Samples(device), _Samples(device)
-        self._probe: tuple[Tensor, Tensor, list[int]] | None = None  # gradient, weights, which parameters
-        self._plans: dict[tuple[int, ...], _ProbePlan] = {}  # per set of parameters with gradients
         self._handle = optimizer.register_step_post_hook(self._after_step)
 
     def remove(self) -> None:
         """Detach the hook from the optimizer."""
         self._handle.remove()
 
+    def _watch(self, optimizer: torch.optim.Optimizer) -> None:
+        """Watch every parameter of every param group (frozen ones count while they have gradients)."""
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._groups = len(optimizer.param_groups)
+        self._probe, self._plans = None, {}  # both index into the parameter list
+
     def _after_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        if len(optimizer.param_groups) != self._groups:  # optimizer.add_param_group since: watch them too
+            self._watch(optimizer)
         index = self._steps
         self._steps += 1
         probe_end = self._probe is not None

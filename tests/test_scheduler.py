@@ -126,6 +126,57 @@ def test_any_torch_optimizer_sparse_gradients_included(optimizer, sparse, lr, kw
     assert all(math.isfinite(lr) and lr > 0 for lr in lrs) and len(set(lrs)) > 1
 
 
+@pytest.mark.parametrize("min_lr", [1e-4, [1e-4]], ids=["one-bound", "per-group-bounds"])
+def test_param_groups_added_later_follow_the_factor_and_are_watched(min_lr):
+    """Progressive unfreezing (``optimizer.add_param_group`` mid-run, as Lightning's BaseFinetuning
+    does): the new group moves with the same factor, keeps its ratio, gets the single ``min_lr`` (a
+    per-group list named no bound for it) and its gradients reach the hook."""
+    torch.manual_seed(0)
+    body, head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+    for p in body.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.SGD(head.parameters(), lr=1e-2)
+    falling = PolicyNet(N_FEATURES, hidden=(16,))  # always a = -1: every decision halves the LR
+    with torch.no_grad():
+        for p in falling.parameters():
+            p.zero_()
+        falling.action_net.bias.fill_(-5.0)
+    sched = PolicyScheduler(opt, total_epochs=8, policy=falling.eval(), min_lr=min_lr)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+
+    def epoch():
+        for _ in range(4):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(head(torch.tanh(body(x))), y)
+            loss.backward()
+            opt.step()
+        return loss.item()
+
+    for e in range(2):
+        loss = epoch()
+        sched.step(loss * (1 + 0.1 * e), train_loss=loss)
+    assert len(sched._hook.params) == 2
+    for p in body.parameters():
+        p.requires_grad_(True)
+    opt.add_param_group({"params": body.parameters(), "lr": opt.param_groups[0]["lr"] / 10})
+    floor = 1e-4 if isinstance(min_lr, float) else 0.0
+    lrs = []
+    for e in range(2, 6):  # 2.5e-3 -> 1.56e-4 for the first group, above its floor
+        lr0_before, lr1_before = (g["lr"] for g in opt.param_groups)
+        loss = epoch()
+        sched.step(loss * (1 + 0.1 * e), train_loss=loss)
+        lr0, lr1 = (g["lr"] for g in opt.param_groups)
+        assert lr0 == pytest.approx(lr0_before / 2, rel=1e-12) and lr0 > 1e-4
+        assert lr1 == pytest.approx(max(lr1_before / 2, floor), rel=1e-12)
+        assert sched.get_last_lr() == [lr0, lr1]
+        lrs.append(lr1)
+    assert lrs[-1] == pytest.approx(floor if floor else 2.5e-4 / 16), "a single min_lr bounds the added group"
+    assert len(sched._hook.params) == 4 and sched.min_lrs[1] == floor
+    body_norm = torch.cat([p.grad.reshape(-1) for p in body.parameters()]).norm()
+    assert body_norm > 0 and sched._hook._plans, "the new parameters' gradients are watched and probed"
+    assert all(len(key) == 4 for key in sched._hook._plans)
+
+
 def test_step_without_metric_leaves_lr_unchanged(tiny_mlp):
     model, x, y = tiny_mlp
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
