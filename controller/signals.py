@@ -227,7 +227,7 @@ class _ProbePlan:
             ]
         else:
             split = [index[(index >= lo) & (index < hi)] - lo for lo, hi in itertools.pairwise(bounds)]
-            found = [(j, i) for j, i in enumerate(split) if len(i)]
+            found = [(j, i.to(params[j].device)) for j, i in enumerate(split) if len(i)]  # indices go with their tensor
             ends = list(itertools.accumulate((len(i) for _, i in found), initial=0))
             self.buffer = torch.empty(2, 2, ends[-1], dtype=dtype, device=device)
             # (parameter position, its sketch coordinates, where they go) for the parameters the sketch touches
@@ -237,6 +237,7 @@ class _ProbePlan:
                 for step in range(2)
             ]
         # same dtype and device everywhere: index_select writes straight into the buffer; else copy_ converts
+        # (and moves: a model split over devices keeps its probe on the first parameter's device)
         self.direct = all(p.dtype == dtype and p.device == device for p in params)
         self.vectors = [(self.buffer[step, 0], self.buffer[step, 1]) for step in range(2)]
 
@@ -246,7 +247,11 @@ class _ProbePlan:
             grads = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
         for kind, tensors in enumerate((grads, self.params)):
             if not self.sketched:
-                torch._foreach_copy_(self.whole[step][kind], tensors)
+                if self.direct:
+                    torch._foreach_copy_(self.whole[step][kind], tensors)
+                else:
+                    for out, t in zip(self.whole[step][kind], tensors):
+                        out.copy_(t)
             elif self.direct:
                 for j, i, out in self.sketch[step][kind]:
                     torch.index_select(tensors[j].reshape(-1), 0, i, out=out)
@@ -289,7 +294,7 @@ class StepStatsHook:
         self._steps = 0
         self._previous_steps = 0
         self._norm_every, self._probe_every = sampling_intervals(0)
-        device = self.params[0].device if self.params else torch.device("cpu")
+        device = self._device
         self._norms, self._cos, self._ratios = _Samples(device), _Samples(device), _Samples(device)
         self._handle = optimizer.register_step_post_hook(self._after_step)
 
@@ -301,6 +306,9 @@ class StepStatsHook:
         """Watch every parameter of every param group (frozen ones count while they have gradients)."""
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self._groups = len(optimizer.param_groups)
+        # a model split over devices: its per-tensor norms meet on the first parameter's device
+        self._device = self.params[0].device if self.params else torch.device("cpu")
+        self._one_device = all(p.device == self._device for p in self.params)
         self._probe, self._plans = None, {}  # both index into the parameter list
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
@@ -321,8 +329,10 @@ class StepStatsHook:
         grads: list[Tensor] = [self.params[i].grad for i in watched]  # type: ignore[misc]  # None filtered above
         sparse = any(g.layout != torch.strided for g in grads)
         if index % self._norm_every == 0:
-            norm_of = [_norm_view(g) for g in grads] if sparse else grads
-            self._norms.add(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(norm_of))))
+            norms = torch._foreach_norm([_norm_view(g) for g in grads] if sparse else grads)
+            if not self._one_device:
+                norms = tuple(n.to(self._device) for n in norms)
+            self._norms.add(torch.linalg.vector_norm(torch.stack(norms)))
         if sparse and (probe_start or probe_end):  # a probe compares coordinates: read sparse gradients dense
             grads = [g.to_dense() for g in grads]
         if probe_end:

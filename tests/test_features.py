@@ -261,6 +261,41 @@ def test_hook_by_hand_in_other_dtypes(dtype, rel):
     assert stats.update_ratio == pytest.approx(ratio, rel=rel)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("first", ["cuda", "cpu"])
+@pytest.mark.parametrize("width", [8, 256], ids=["whole", "sketch"])
+def test_hook_by_hand_on_a_model_split_over_devices(first, width):
+    """Parameters on CPU and CUDA in one optimizer (a model split over devices): the norms meet on
+    the first parameter's device and the probe copies across; the signals match a by-hand computation."""
+    torch.manual_seed(0)
+    second = "cpu" if first == "cuda" else "cuda"
+    a, b = torch.nn.Linear(300, width).to(first), torch.nn.Linear(width, 1).to(second)
+    opt = torch.optim.SGD([*a.parameters(), *b.parameters()], lr=0.05)
+    hook = StepStatsHook(opt)
+
+    def flat(tensors):
+        return torch.cat([t.detach().double().cpu().reshape(-1) for t in tensors])
+
+    params = [*a.parameters(), *b.parameters()]
+    index = probe_coordinates(sum(p.numel() for p in params))
+    assert (index is None) == (width == 8)
+    norms, grads, weights = [], [], []
+    for _ in range(2):
+        opt.zero_grad()
+        b(a(torch.randn(16, 300, device=first)).to(second)).pow(2).sum().backward()
+        grads.append(flat([p.grad for p in params]))
+        norms.append(grads[-1].norm().item())
+        opt.step()
+        weights.append(flat(params))
+    if index is not None:
+        grads, weights = [g[index] for g in grads], [w[index] for w in weights]
+    stats = hook.collect()
+    assert stats.grad_norm_mean == pytest.approx(np.mean(norms), rel=1e-5)
+    assert stats.grad_cos == pytest.approx(torch.nn.functional.cosine_similarity(*grads, dim=0).item(), rel=1e-4)
+    ratio = ((weights[1] - weights[0]).norm() / weights[0].norm()).item()
+    assert stats.update_ratio == pytest.approx(ratio, rel=1e-4)
+
+
 def test_summarize_grad_norms_by_hand():
     mean, cv, trend = summarize_grad_norms([1.0, 3.0, 2.0, 6.0])
     assert mean == pytest.approx(3.0)
