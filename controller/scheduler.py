@@ -69,7 +69,8 @@ class PolicyScheduler(LRScheduler):
 
     A NaN or infinite ``metrics`` / ``train_loss`` does not reach the policy: the LR is multiplied by
     the policy's ``cut_factor`` (0.25 for the bundled policy), a warning is issued once, and training
-    carries on. The LR is never set to NaN or 0.
+    carries on. The LR is never set to NaN or 0. Losses must be positive (the features are log ratios
+    of losses): a negative one is warned about once.
 
     Args:
         optimizer: any ``torch.optim.Optimizer``, any number of param groups, on CPU or CUDA. Groups
@@ -142,6 +143,7 @@ class PolicyScheduler(LRScheduler):
         self._pending_train_sum = 0.0
         self._pending_train_weight = 0.0
         self._warned_nonfinite = False
+        self._warned_negative = False
         self._hook = StepStatsHook(optimizer)
         super().__init__(optimizer, last_epoch)
 
@@ -243,6 +245,15 @@ class PolicyScheduler(LRScheduler):
             stats=self._hook.collect(),
         )
         finite = math.isfinite(val_loss) and (train is None or math.isfinite(train))
+        if (val_loss < 0 or (train is not None and train < 0)) and not self._warned_negative:
+            warnings.warn(
+                f"PolicyScheduler got a negative loss (val {val_loss}, train {train}) at epoch {self.last_epoch}: "
+                "its features are log ratios of losses, so a negative loss reads as a huge improvement. Pass a "
+                "positive quantity (the loss minus a known lower bound, for example) (warned once)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._warned_negative = True
         action: float | None
         if finite:
             action = self.policy.act(obs)

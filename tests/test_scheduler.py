@@ -264,6 +264,24 @@ def test_non_finite_losses_cut_the_lr_and_warn_once(tiny_mlp):
     assert sched.history[0]["action"] is None and sched.history[0]["cut"]
 
 
+def test_negative_losses_are_warned_about_once(tiny_mlp):
+    """The features are log ratios of losses: a negative loss (a Gaussian NLL, say) is named in a
+    warning, once, and the run carries on with finite, positive LRs."""
+    model, _, _ = tiny_mlp
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = PolicyScheduler(opt, total_epochs=10, policy=random_policy(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched.step(0.5, train_loss=0.4)
+        sched.step(0.0, train_loss=0.0)  # a perfect fit is not negative
+    with pytest.warns(RuntimeWarning, match=r"negative loss \(val -0.3, train 0.2\) at epoch 3"):
+        sched.step(-0.3, train_loss=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched.step(0.3, train_loss=-0.2)
+    assert all(math.isfinite(h["lr"]) and h["lr"] > 0 for h in sched.history)
+
+
 def test_min_and_max_lr_clamps(tiny_mlp):
     model, _, _ = tiny_mlp
     up = PolicyNet(N_FEATURES, hidden=(4,))
