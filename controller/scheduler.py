@@ -125,6 +125,8 @@ class PolicyScheduler(LRScheduler):
         )
         if any(lo > hi for lo, hi in zip(self.min_lrs, self.max_lrs)):
             raise ValueError(f"min_lr {self.min_lrs} exceeds max_lr {self.max_lrs}")
+        if any("lr" not in group for group in optimizer.param_groups):
+            raise ValueError(f"{type(optimizer).__name__} has a param group with no 'lr': PolicyScheduler sets LRs")
         lr0 = float(optimizer.param_groups[0]["lr"])
         if not (math.isfinite(lr0) and lr0 > 0):
             raise ValueError(f"the optimizer's LR must be positive and finite, got {lr0}")
@@ -278,7 +280,11 @@ class PolicyScheduler(LRScheduler):
             self.min_lrs.append(self._later_bounds[0])
             self.max_lrs.append(self._later_bounds[1])
         for group, lo, hi in zip(self.optimizer.param_groups, self.min_lrs, self.max_lrs):
-            group["lr"] = min(max(float(group["lr"]) * factor, lo), hi)
+            value = min(max(float(group["lr"]) * factor, lo), hi)
+            if isinstance(group["lr"], torch.Tensor):  # a tensor LR (capturable / compiled optimizers) stays one
+                group["lr"].fill_(value)
+            else:
+                group["lr"] = value
         self._last_lr = self.get_lr()
         self.history.append(
             {

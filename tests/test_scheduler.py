@@ -177,6 +177,33 @@ def test_param_groups_added_later_follow_the_factor_and_are_watched(min_lr):
     assert all(len(key) == 4 for key in sched._hook._plans)
 
 
+def test_a_tensor_lr_stays_the_same_tensor(tiny_mlp):
+    """Optimizers built with ``lr=torch.tensor(...)`` (capturable or compiled steps) keep their LR
+    tensor: the scheduler fills it in place, as torch's own schedulers do."""
+    model, x, y = tiny_mlp
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-2))
+    lr_tensor = opt.param_groups[0]["lr"]
+    sched = PolicyScheduler(opt, total_epochs=6, policy=random_policy(2))
+    gen = torch.Generator().manual_seed(0)
+    values = []
+    for _ in range(4):
+        train, val = _epoch(model, opt, x, y, gen)
+        sched.step(val, train_loss=train)
+        assert opt.param_groups[0]["lr"] is lr_tensor
+        values.append(float(lr_tensor))
+        assert sched.get_last_lr() == [values[-1]] and values[-1] == pytest.approx(sched.history[-1]["lr"])
+    assert len(set(values)) > 1
+
+
+def test_a_param_group_without_lr_is_a_value_error():
+    class NoLR(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {"momentum": 0.9})
+
+    with pytest.raises(ValueError, match="param group with no 'lr'"):
+        PolicyScheduler(NoLR([torch.nn.Parameter(torch.zeros(2))]), total_epochs=3)
+
+
 def test_step_without_metric_leaves_lr_unchanged(tiny_mlp):
     model, x, y = tiny_mlp
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
