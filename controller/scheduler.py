@@ -44,6 +44,34 @@ def _per_group(value: float | Sequence[float], n_groups: int, name: str) -> list
     return out
 
 
+def _ranks() -> int:
+    """Processes in torch.distributed's default group (1 when it is not in use)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _collective_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _mean_over_ranks(
+    val_loss: float, train: float | None, accuracy: float | None
+) -> tuple[float, float | None, float | None]:
+    """The validation loss, training loss and accuracy averaged over the ranks (None where no rank gave one)."""
+    values = [val_loss, train or 0.0, train is not None, accuracy or 0.0, accuracy is not None]
+    summed = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    torch.distributed.all_reduce(summed)
+    val_sum, train_sum, train_n, accuracy_sum, accuracy_n = summed.tolist()
+    return (
+        val_sum / _ranks(),
+        train_sum / train_n if train_n else None,
+        accuracy_sum / accuracy_n if accuracy_n else None,
+    )
+
+
 def _check_total_epochs(total_epochs: object) -> None:
     if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
         raise ValueError(f"total_epochs must be a positive int (or None to let a trainer set it), got {total_epochs!r}")
@@ -83,6 +111,10 @@ class PolicyScheduler(LRScheduler):
         min_lr: lower bound(s) on each group's LR (a float or one per group). A float also bounds
             groups added later with ``optimizer.add_param_group``; per-group lists leave those unbounded.
         max_lr: upper bound(s) on each group's LR, likewise.
+        sync_ranks: under ``torch.distributed`` (DDP and the trainers that use it), average the losses
+            over the ranks of the default process group and apply rank 0's decision on every rank, so
+            that replicas keep one LR even when each passes its own local loss. Every rank must then
+            call :meth:`step` with a metric at the same point. False: each rank decides alone.
         last_epoch: as in other torch schedulers; leave at -1 and use :meth:`load_state_dict` to resume.
 
     Attributes:
@@ -108,6 +140,7 @@ class PolicyScheduler(LRScheduler):
         *,
         min_lr: float | Sequence[float] = 0.0,
         max_lr: float | Sequence[float] = math.inf,
+        sync_ranks: bool = True,
         last_epoch: int = -1,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -146,6 +179,7 @@ class PolicyScheduler(LRScheduler):
         self._pending_train_weight = 0.0
         self._warned_nonfinite = False
         self._warned_negative = False
+        self.sync_ranks = sync_ranks
         self._hook = StepStatsHook(optimizer)
         super().__init__(optimizer, last_epoch)
 
@@ -239,6 +273,9 @@ class PolicyScheduler(LRScheduler):
             train = self.pending_train_loss
         self._pending_train_sum, self._pending_train_weight = 0.0, 0.0
         accuracy = _as_float(val_accuracy, "val_accuracy")
+        synced = self.sync_ranks and _ranks() > 1
+        if synced:  # every rank decides from the same losses (its optimizer hook sees DDP's shared gradients)
+            val_loss, train, accuracy = _mean_over_ranks(val_loss, train, accuracy)
         self.last_epoch += 1
         self._step_count += 1
         lr = float(self.optimizer.param_groups[0]["lr"])
@@ -276,6 +313,12 @@ class PolicyScheduler(LRScheduler):
             action, cut = None, True
             new_lr = max(lr * self.action_config.cut_factor, self.initial_lr * self.action_config.min_ratio)
         factor = new_lr / lr
+        if synced:  # and applies rank 0's decision, so replicas keep one LR even where their signals differ
+            decided = torch.tensor([factor, math.nan if action is None else action, cut], dtype=torch.float64,
+                                   device=_collective_device())
+            torch.distributed.broadcast(decided, src=0)
+            factor, raw, cut_flag = decided.tolist()
+            action, cut = (None if math.isnan(raw) else raw), bool(cut_flag)
         for _ in range(len(self.optimizer.param_groups) - len(self.min_lrs)):  # groups added since
             self.min_lrs.append(self._later_bounds[0])
             self.max_lrs.append(self._later_bounds[1])

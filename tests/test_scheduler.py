@@ -204,6 +204,70 @@ def test_a_param_group_without_lr_is_a_value_error():
         PolicyScheduler(NoLR([torch.nn.Parameter(torch.zeros(2))]), total_epochs=3)
 
 
+DDP_WORKER = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, sys.argv[1])
+from controller import PolicyScheduler
+
+
+def worker(rank, world, init, out, sync):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)  # one model, replicated
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
+                                                                          torch.nn.Linear(16, 1)))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    sched = PolicyScheduler(opt, total_epochs=8, sync_ranks=sync)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard: its own local losses
+    x, y = torch.randn(64, 6, generator=gen), torch.randn(64, 1, generator=gen) * (1 + rank)
+    for epoch in range(6):
+        for i in range(0, 64, 16):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x[i:i + 16]), y[i:i + 16])
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            val = torch.nn.functional.mse_loss(model(x), y).item()
+        sched.step(val * 1.1, train_loss=val)
+    json.dump({"lrs": [h["lr"] for h in sched.history], "val": [h["val_loss"] for h in sched.history],
+               "weights": [p.detach().sum().item() for p in model.parameters()]}, open(f"{out}.{rank}", "w"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    root, init, out, sync = sys.argv[1:5]
+    mp.spawn(worker, args=(2, init, out, sync == "1"), nprocs=2)
+"""
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["synced", "each-rank-alone"])
+def test_ddp_ranks_keep_one_lr(tmp_path, sync):
+    """Two DDP ranks on CPU (gloo), each passing its own local losses: with ``sync_ranks`` (the
+    default) every decision is made from the losses averaged over ranks and both ranks set the same
+    LRs, so the replicas stay identical; each rank alone, the LRs and then the weights part ways."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_WORKER)
+    root = str(Path(__file__).resolve().parent.parent)
+    init, out = f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "result")
+    subprocess.run([sys.executable, str(script), root, init, out, "1" if sync else "0"], check=True, timeout=300)
+    ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
+    if sync:
+        assert ranks[0]["lrs"] == ranks[1]["lrs"] and ranks[0]["val"] == ranks[1]["val"]
+        assert ranks[0]["weights"] == ranks[1]["weights"], "the replicas stayed identical"
+        assert len(set(ranks[0]["lrs"])) > 1
+    else:
+        assert ranks[0]["lrs"] != ranks[1]["lrs"] and ranks[0]["weights"] != ranks[1]["weights"]
+
+
 def test_step_without_metric_leaves_lr_unchanged(tiny_mlp):
     model, x, y = tiny_mlp
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
