@@ -235,6 +235,7 @@ def worker(rank, world, init, out, sync):
         sched.step(val * 1.1, train_loss=val)
     json.dump({"lrs": [h["lr"] for h in sched.history], "val": [h["val_loss"] for h in sched.history],
                "weights": [p.detach().sum().item() for p in model.parameters()]}, open(f"{out}.{rank}", "w"))
+    dist.barrier()  # a broadcast's root returns before the others have read: tearing down now can abort them
     dist.destroy_process_group()
 
 
@@ -258,7 +259,9 @@ def test_ddp_ranks_keep_one_lr(tmp_path, sync):
     script.write_text(DDP_WORKER)
     root = str(Path(__file__).resolve().parent.parent)
     init, out = f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "result")
-    subprocess.run([sys.executable, str(script), root, init, out, "1" if sync else "0"], check=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script), root, init, out, "1" if sync else "0"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
     if sync:
         assert ranks[0]["lrs"] == ranks[1]["lrs"] and ranks[0]["val"] == ranks[1]["val"]
