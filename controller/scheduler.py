@@ -51,18 +51,20 @@ def _ranks() -> int:
     return 1
 
 
-def _collective_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def _collective_device(model_device: torch.device) -> torch.device:
+    """Where the scheduler's collectives run: the CPU, or under NCCL this rank's GPU (the model's, which is right
+    even when the script never called ``torch.cuda.set_device``)."""
+    if torch.distributed.get_backend() != "nccl":
+        return torch.device("cpu")
+    return model_device if model_device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
 
 
 def _mean_over_ranks(
-    val_loss: float, train: float | None, accuracy: float | None
+    val_loss: float, train: float | None, accuracy: float | None, device: torch.device
 ) -> tuple[float, float | None, float | None]:
     """The validation loss, training loss and accuracy averaged over the ranks (None where no rank gave one)."""
     values = [val_loss, train or 0.0, train is not None, accuracy or 0.0, accuracy is not None]
-    summed = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    summed = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(summed)
     val_sum, train_sum, train_n, accuracy_sum, accuracy_n = summed.tolist()
     return (
@@ -275,7 +277,8 @@ class PolicyScheduler(LRScheduler):
         accuracy = _as_float(val_accuracy, "val_accuracy")
         synced = self.sync_ranks and _ranks() > 1
         if synced:  # every rank decides from the same losses (its optimizer hook sees DDP's shared gradients)
-            val_loss, train, accuracy = _mean_over_ranks(val_loss, train, accuracy)
+            device = _collective_device(self._hook.device)
+            val_loss, train, accuracy = _mean_over_ranks(val_loss, train, accuracy, device)
         self.last_epoch += 1
         self._step_count += 1
         lr = float(self.optimizer.param_groups[0]["lr"])
@@ -315,7 +318,7 @@ class PolicyScheduler(LRScheduler):
         factor = new_lr / lr
         if synced:  # and applies rank 0's decision, so replicas keep one LR even where their signals differ
             decided = torch.tensor([factor, math.nan if action is None else action, cut], dtype=torch.float64,
-                                   device=_collective_device())
+                                   device=device)
             torch.distributed.broadcast(decided, src=0)
             factor, raw, cut_flag = decided.tolist()
             action, cut = (None if math.isnan(raw) else raw), bool(cut_flag)

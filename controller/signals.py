@@ -298,6 +298,11 @@ class StepStatsHook:
         self._norms, self._cos, self._ratios = _Samples(device), _Samples(device), _Samples(device)
         self._handle = optimizer.register_step_post_hook(self._after_step)
 
+    @property
+    def device(self) -> torch.device:
+        """The first watched parameter's device, where the per-step samples are kept."""
+        return self._device
+
     def remove(self) -> None:
         """Detach the hook from the optimizer."""
         self._handle.remove()
