@@ -115,8 +115,9 @@ class PolicyScheduler(LRScheduler):
         max_lr: upper bound(s) on each group's LR, likewise.
         sync_ranks: under ``torch.distributed`` (DDP and the trainers that use it), average the losses
             over the ranks of the default process group and apply rank 0's decision on every rank, so
-            that replicas keep one LR even when each passes its own local loss. Every rank must then
-            call :meth:`step` with a metric at the same point. False: each rank decides alone.
+            that replicas keep one LR even when each passes its own local loss (``history`` records
+            the averages). Every rank must then call :meth:`step` with a metric at the same point.
+            False: each rank decides alone.
         last_epoch: as in other torch schedulers; leave at -1 and use :meth:`load_state_dict` to resume.
 
     Attributes:
