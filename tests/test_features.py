@@ -188,18 +188,17 @@ def test_probe_plan_fills_exactly_what_flattening_and_concatenating_gives(rows, 
         flat = torch.cat([t.reshape(-1) for t in tensors])
         return flat if index is None else flat[index]
 
-    filled = []
+    expected = []
     for step in range(2):
         grads = [torch.randn(256, rows).t(), *(torch.randn_like(p) for p in params[1:])]  # one non-contiguous
         with torch.no_grad():  # as inside the hook
             for p in params:
                 p.add_(0.1)
-            grad, weight = plan.fill(step, grads)
-        filled.append((grad, weight))
-        expected = (reference(grads), reference([p.detach() for p in params]))
-        assert all(torch.equal(a, b) for a, b in zip((grad, weight), expected))
-        filled[-1] = tuple(t.clone() for t in filled[-1]) + expected
-    assert torch.equal(plan.vectors[0][0], filled[0][2]), "the second fill left the first step's vectors alone"
+            filled = plan.fill(step, grads)
+        expected.append((reference(grads), reference([p.detach() for p in params])))
+        assert all(torch.equal(a, b) for a, b in zip(filled, expected[-1]))
+    first = plan.vectors[0]
+    assert all(torch.equal(a, b) for a, b in zip(first, expected[0])), "the second fill left the first step's alone"
 
 
 @pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adagrad])
@@ -294,6 +293,20 @@ def test_hook_by_hand_on_a_model_split_over_devices(first, width):
     assert stats.grad_cos == pytest.approx(torch.nn.functional.cosine_similarity(*grads, dim=0).item(), rel=1e-4)
     ratio = ((weights[1] - weights[0]).norm() / weights[0].norm()).item()
     assert stats.update_ratio == pytest.approx(ratio, rel=1e-4)
+
+
+def test_hook_watches_a_parameter_frozen_when_it_was_built_once_it_trains():
+    """A parameter in the optimizer but frozen when the hook is built (fine-tuning) counts from the
+    first step it has a gradient."""
+    frozen, live = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    frozen.requires_grad_(False)
+    opt = torch.optim.SGD([frozen, live], lr=0.1)
+    hook = StepStatsHook(opt)
+    frozen.requires_grad_(True)
+    opt.zero_grad()
+    (3 * frozen.sum() + 4 * live.sum()).backward()
+    opt.step()
+    assert hook.collect().grad_norm_mean == pytest.approx(math.sqrt(3 * 9 + 2 * 16))
 
 
 def test_summarize_grad_norms_by_hand():

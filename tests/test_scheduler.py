@@ -205,7 +205,7 @@ def test_a_param_group_without_lr_is_a_value_error():
 
 
 DDP_WORKER = """
-import json, os, sys
+import json, sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -214,12 +214,13 @@ sys.path.insert(0, sys.argv[1])
 from controller import PolicyScheduler
 
 
-def worker(rank, world, init, out, sync):
+def worker(rank, world, init, out, sync, replicated):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    torch.manual_seed(0)  # one model, replicated
-    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
-                                                                          torch.nn.Linear(16, 1)))
+    torch.manual_seed(0 if replicated else rank)  # one model replicated by DDP, or one model per rank
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    if replicated:
+        model = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     sched = PolicyScheduler(opt, total_epochs=8, sync_ranks=sync)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own shard: its own local losses
@@ -240,16 +241,21 @@ def worker(rank, world, init, out, sync):
 
 
 if __name__ == "__main__":
-    root, init, out, sync = sys.argv[1:5]
-    mp.spawn(worker, args=(2, init, out, sync == "1"), nprocs=2)
+    root, init, out, sync, replicated = sys.argv[1:6]
+    mp.spawn(worker, args=(2, init, out, sync == "1", replicated == "1"), nprocs=2)
 """
 
 
-@pytest.mark.parametrize("sync", [True, False], ids=["synced", "each-rank-alone"])
-def test_ddp_ranks_keep_one_lr(tmp_path, sync):
+@pytest.mark.parametrize(
+    ("sync", "replicated"), [(True, True), (False, True), (True, False)],
+    ids=["synced", "each-rank-alone", "synced-unreplicated"],
+)
+def test_ddp_ranks_keep_one_lr(tmp_path, sync, replicated):
     """Two DDP ranks on CPU (gloo), each passing its own local losses: with ``sync_ranks`` (the
     default) every decision is made from the losses averaged over ranks and both ranks set the same
-    LRs, so the replicas stay identical; each rank alone, the LRs and then the weights part ways."""
+    LRs, so the replicas stay identical; each rank alone, the LRs and then the weights part ways.
+    Where the ranks' gradient signals differ too (here: a different model per rank, as a sharded
+    optimizer would see), rank 0's decision still sets every rank's LR."""
     import json
     import subprocess
     import sys
@@ -259,14 +265,15 @@ def test_ddp_ranks_keep_one_lr(tmp_path, sync):
     script.write_text(DDP_WORKER)
     root = str(Path(__file__).resolve().parent.parent)
     init, out = f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "result")
-    proc = subprocess.run([sys.executable, str(script), root, init, out, "1" if sync else "0"], capture_output=True,
-                          text=True, timeout=300)
+    flags = ["1" if sync else "0", "1" if replicated else "0"]
+    proc = subprocess.run([sys.executable, str(script), root, init, out, *flags], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
     if sync:
         assert ranks[0]["lrs"] == ranks[1]["lrs"] and ranks[0]["val"] == ranks[1]["val"]
-        assert ranks[0]["weights"] == ranks[1]["weights"], "the replicas stayed identical"
         assert len(set(ranks[0]["lrs"])) > 1
+        assert (ranks[0]["weights"] == ranks[1]["weights"]) == replicated, "DDP replicas stayed identical"
     else:
         assert ranks[0]["lrs"] != ranks[1]["lrs"] and ranks[0]["weights"] != ranks[1]["weights"]
 
