@@ -19,9 +19,12 @@ from controller.policy import PolicyNet
 from controller.signals import StepStatsHook
 
 _STATE_VERSION = 1
+_DISTRIBUTED = torch.distributed.is_available()
 
 
 def _as_float(value: Any, name: str) -> float | None:
+    if type(value) is float:  # the usual case, first: a decision is a few dozen cheap steps like this one
+        return value
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
@@ -46,7 +49,7 @@ def _per_group(value: float | Sequence[float], n_groups: int, name: str) -> list
 
 def _ranks() -> int:
     """Processes in torch.distributed's default group (1 when it is not in use)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _DISTRIBUTED and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
     return 1
 

@@ -110,7 +110,7 @@ def summarize_grad_norms(norms: Sequence[float]) -> tuple[float, float, float]:
     if n == 0:
         return math.nan, math.nan, math.nan
     mean = math.fsum(norms) / n
-    std = math.sqrt(math.fsum((x - mean) ** 2 for x in norms) / n)
+    std = math.sqrt(math.fsum([(x - mean) ** 2 for x in norms]) / n)
     cv = std / max(mean, 1e-30)
     trend = 0.0
     if n >= 2:
@@ -378,7 +378,6 @@ class StepStatsHook:
             samples.reset(state[key])  # type: ignore[arg-type]
         self._probe = None
 
-    @torch.no_grad()
     def collect(self) -> StepStats:
         """Summarise the steps since the last call and start a new window."""
         steps, n, k = self._steps, len(self._norms), len(self._cos)
@@ -389,7 +388,7 @@ class StepStatsHook:
             host = torch.cat([s.values() for s in samples]).tolist() if n else []
         self._steps, self._probe = 0, None
         for s in samples:
-            s.reset()
+            s.count = 0
         if steps:
             self._previous_steps = steps
             self._norm_every, self._probe_every = sampling_intervals(steps)
