@@ -51,7 +51,7 @@ from tqdm import tqdm  # noqa: E402
 from controller.checkpoint import default_policy_path, load_policy, save_policy  # noqa: E402
 from controller.features import FEATURE_NAMES  # noqa: E402
 from controller.policy import PolicyNet  # noqa: E402
-from envs import TRAIN_FAMILIES, VALIDATION_FAMILIES, EnvConfig, get_family  # noqa: E402
+from envs import TEST_FAMILIES, TRAIN_FAMILIES, VALIDATION_FAMILIES, EnvConfig, get_family  # noqa: E402
 from envs.batched import make_vec_env as batched_vec_env  # noqa: E402
 from envs.evaluation import (  # noqa: E402
     BASELINES,
@@ -138,6 +138,10 @@ class TrainConfig:
         leaked = set(self.families) & set(VALIDATION_FAMILIES)
         if leaked:
             raise ValueError(f"validation families never train a policy; remove {sorted(leaked)} from families")
+        reserved = set(self.families + self.eval_families) & set(TEST_FAMILIES)
+        if reserved:
+            raise ValueError(f"test families are for reporting only (`evaluate --families ...`), never to train or "
+                             f"select a policy; remove {sorted(reserved)}")
         if self.batch_size > self.n_steps * self.n_envs:
             raise ValueError(f"batch_size {self.batch_size} exceeds the rollout size n_steps*n_envs = "
                              f"{self.n_steps * self.n_envs}")
@@ -705,7 +709,8 @@ def export_command(source: Path, out: Path) -> None:
 @cli.command("evaluate")
 @click.option("--policy", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Policy file to evaluate. Default: the bundled default policy.")
-@click.option("--families", callback=_families, default=",".join(VALIDATION_FAMILIES), help="Comma-separated families to evaluate on.")
+@click.option("--families", callback=_families, default=",".join(VALIDATION_FAMILIES), help="Comma-separated families to evaluate on. The test families (wine_mlp,digits_gru,moons_mlp) are for reporting only: "
+              "never trained or selected on.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, help="Tasks per family (each at x0.1, x1 and x10 of the default LR).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/evaluation"), help="Where the table, JSON and PNG go.")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI. Default: sqlite:///./mlflow.db.")

@@ -14,6 +14,7 @@ from envs.inner import EpochResult, InnerRun, TorchRun
 from envs.lr_env import EnvConfig, Episode, LRControlEnv, resolve_device
 from envs.tasks import (
     FAMILIES,
+    TEST_FAMILIES,
     TRAIN_FAMILIES,
     VALIDATION_FAMILIES,
     TaskConfig,
@@ -30,6 +31,7 @@ if ENV_ID not in gym.registry:
 __all__ = [
     "ENV_ID",
     "FAMILIES",
+    "TEST_FAMILIES",
     "TRAIN_FAMILIES",
     "VALIDATION_FAMILIES",
     "EnvConfig",

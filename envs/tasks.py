@@ -5,9 +5,11 @@ practitioner would type. :meth:`TaskFamily.sample` draws one *task* (:class:`Tas
 width/depth, batch size, optimizer, initial LR (log-uniform over three decades around the default),
 epoch budget and seed — and :func:`build_task` turns a task into tensors on a device and a model.
 
-Families are split once into :data:`TRAIN_FAMILIES` (the only ones a policy is trained on) and
-:data:`VALIDATION_FAMILIES` (used to select and evaluate policies, never to train them). Every
-family has train / val / test splits; a controller sees train and val only, test is for reporting.
+Families are split once into :data:`TRAIN_FAMILIES` (the only ones a policy is trained on),
+:data:`VALIDATION_FAMILIES` (used to select and evaluate policies, never to train them) and
+:data:`TEST_FAMILIES` (never used to train, select or tune anything: a policy's numbers on them are
+the closest this repository has to tasks nobody has seen). Every family has train / val / test
+splits; a controller sees train and val only, test is for reporting.
 
 Data sources: scikit-learn's bundled sets, MNIST-1D generated locally
 (``mnist1d.data.make_dataset``; never its downloading ``get_dataset``) and synthetic generators.
@@ -166,6 +168,15 @@ def blobs() -> Splits:
 
     x, y = make_classification(n_samples=2000, n_features=20, n_informative=10, n_redundant=4, n_classes=4,
                                n_clusters_per_class=2, class_sep=1.0, flip_y=0.02, random_state=2)
+    return _split(x, y, regression=False)
+
+
+@functools.lru_cache(maxsize=None)
+def moons() -> Splits:
+    """Two interleaving half circles (scikit-learn ``make_moons``): 4000 × 2, noise 0.25, 2 classes."""
+    from sklearn.datasets import make_moons
+
+    x, y = make_moons(n_samples=4000, noise=0.25, random_state=5)
     return _split(x, y, regression=False)
 
 
@@ -431,6 +442,14 @@ FAMILIES: dict[str, TaskFamily] = {
                    widths=(16, 32, 64), depths=(1, 2), batch_sizes=(16, 32)),
         TaskFamily("blobs_mlp", blobs, lambda w, d: mlp(20, 4, w, d), "classification", "sgd",
                    widths=(32, 64, 128), depths=(1, 2, 3)),
+        # ---- test families: chosen before any policy saw them; for reporting only --------------------
+        TaskFamily("wine_mlp", wine, lambda w, d: mlp(13, 3, w, d), "classification", "adam",
+                   widths=(16, 32, 64), depths=(1, 2), batch_sizes=(8, 16, 32)),
+        TaskFamily("digits_gru", digits, lambda w, d: nn.Sequential(  # an image read row by row
+                   nn.Unflatten(1, (8, 8)), RecurrentNet(8, 10, w, d, "gru")), "classification", "adam",
+                   widths=(16, 32), depths=(1,), batch_sizes=(32, 64), epochs=(10, 30)),
+        TaskFamily("moons_mlp", moons, lambda w, d: mlp(2, 2, w, d), "classification", "sgd",  # 150-300 steps/epoch
+                   widths=(16, 32, 64), depths=(2, 3), batch_sizes=(8, 16), epochs=(10, 20)),
     )
 }
 
@@ -445,8 +464,17 @@ VALIDATION_FAMILIES: tuple[str, ...] = (
 )
 """Held-out families: used to select and evaluate policies, never to train them."""
 
-assert set(TRAIN_FAMILIES) | set(VALIDATION_FAMILIES) == set(FAMILIES)
+TEST_FAMILIES: tuple[str, ...] = ("wine_mlp", "digits_gru", "moons_mlp")
+"""Families for reporting only: no policy is trained or selected on them, and no design choice looks at them.
+
+They reach beyond the training distribution on purpose: a dataset no other family uses (wine), a seen
+dataset under a model no family pairs it with (digits read row by row by a GRU), and epochs of
+150–300 optimizer steps (moons, small batches), 3–6× longer than any training family's.
+"""
+
+assert set(TRAIN_FAMILIES) | set(VALIDATION_FAMILIES) | set(TEST_FAMILIES) == set(FAMILIES)
 assert not set(TRAIN_FAMILIES) & set(VALIDATION_FAMILIES)
+assert not (set(TRAIN_FAMILIES) | set(VALIDATION_FAMILIES)) & set(TEST_FAMILIES)
 
 
 def get_family(name: str) -> TaskFamily:

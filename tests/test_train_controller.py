@@ -205,6 +205,8 @@ def test_server_dropping_mid_run_keeps_training_and_says_what_was_lost(tmp_path)
         (["--timesteps", "-5"], "-5 is not in the range x>=1"),
         (["--families", "digits_mlp,not_a_family"], "unknown task family 'not_a_family'"),
         (["--families", "digits_cnn"], "validation families never train a policy"),
+        (["--families", "digits_mlp,moons_mlp"], "test families are for reporting only"),
+        (["--eval-families", "digits_cnn,wine_mlp"], "test families are for reporting only"),
         (["--net-arch", "16,x"], "expected comma-separated layer sizes"),
         (["--batch-size", "4096", "--n-steps", "64", "--n-envs", "1"], "exceeds the rollout size"),
     ],
