@@ -628,8 +628,13 @@ def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path
 _D = TrainConfig()
 
 
+FAMILY_SPLITS = {"train": TRAIN_FAMILIES, "validation": VALIDATION_FAMILIES, "test": TEST_FAMILIES}
+"""Names that stand for a whole split in ``--families`` / ``--eval-families``."""
+
+
 def _families(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
     names = tuple(v.strip() for v in value.split(",") if v.strip())
+    names = tuple(dict.fromkeys(f for name in names for f in FAMILY_SPLITS.get(name, (name,))))  # splits expanded
     if not names:
         raise click.BadParameter("give at least one family")
     for name in names:
@@ -709,8 +714,8 @@ def export_command(source: Path, out: Path) -> None:
 @cli.command("evaluate")
 @click.option("--policy", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Policy file to evaluate. Default: the bundled default policy.")
-@click.option("--families", callback=_families, default=",".join(VALIDATION_FAMILIES), help="Comma-separated families to evaluate on. The test families (wine_mlp,digits_gru,moons_mlp) are for reporting only: "
-              "never trained or selected on.")
+@click.option("--families", callback=_families, default=",".join(VALIDATION_FAMILIES), help="Comma-separated families to evaluate on; 'train', 'validation' or 'test' stands for that whole split. "
+              "The test families (wine_mlp,digits_gru,moons_mlp) are for reporting only: never trained or selected on.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, help="Tasks per family (each at x0.1, x1 and x10 of the default LR).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/evaluation"), help="Where the table, JSON and PNG go.")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI. Default: sqlite:///./mlflow.db.")

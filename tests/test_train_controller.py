@@ -207,6 +207,7 @@ def test_server_dropping_mid_run_keeps_training_and_says_what_was_lost(tmp_path)
         (["--families", "digits_cnn"], "validation families never train a policy"),
         (["--families", "digits_mlp,moons_mlp"], "test families are for reporting only"),
         (["--eval-families", "digits_cnn,wine_mlp"], "test families are for reporting only"),
+        (["--eval-families", "test"], "test families are for reporting only"),
         (["--net-arch", "16,x"], "expected comma-separated layer sizes"),
         (["--batch-size", "4096", "--n-steps", "64", "--n-envs", "1"], "exceeds the rollout size"),
     ],
@@ -216,6 +217,12 @@ def test_bad_cli_input_fails_before_work(tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_family_options_take_split_names():
+    assert tc._families(None, None, "test") == tc.TEST_FAMILIES  # type: ignore[arg-type]
+    assert tc._families(None, None, "digits_cnn, validation") == tc.VALIDATION_FAMILIES  # type: ignore[arg-type]
+    assert tc._families(None, None, "train,wine_mlp") == (*tc.TRAIN_FAMILIES, "wine_mlp")  # type: ignore[arg-type]
 
 
 def test_unwritable_output_dir_fails_before_work(tmp_path):
