@@ -314,3 +314,43 @@ def test_selection_and_evaluation_tasks_differ_and_families_are_independent():
     assert [t.with_lr(1.0) for t in evaluation_tasks("diabetes_mlp", 3, 10.0)] == [t.with_lr(1.0) for t in a]
     draws = {f: [(t.optimizer, t.epochs) for t in evaluation_tasks(f, 6, 1.0)] for f in ("blobs_mlp", "diabetes_mlp")}
     assert draws["blobs_mlp"] != draws["diabetes_mlp"]
+
+
+def test_evaluate_cli_scores_policy_and_baselines_against_the_oracle(tmp_path):
+    """The command behind the model card's tables, end to end on one small family: files, scores, MLflow."""
+    import mlflow
+
+    from envs.evaluation import BASELINES, MULTIPLIERS, RATIO_CAP, evaluation_tasks, run_schedule
+
+    out, uri = tmp_path / "eval", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = CliRunner().invoke(tc.cli, ["evaluate", "--families", "wine_mlp", "--seeds", "1", "--out", str(out),
+                                         "--tracking-uri", uri, "--workers", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert {"evaluation.json", "evaluation.txt", "evaluation_trajectories.png"} <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "evaluation.json").read_text())
+    schedules = ["policy", *BASELINES]
+    assert report["protocol"]["families"] == ["wine_mlp"]
+    assert sorted(report["summary"]) == sorted(f"x{m:g}" for m in MULTIPLIERS)
+    assert all(sorted(cell) == sorted(schedules) for cell in report["summary"].values())
+    records = report["records"]
+    assert sorted((r["schedule"], r["multiplier"]) for r in records) == sorted(
+        (s, m) for s in schedules for m in MULTIPLIERS)
+    oracle = report["oracle"]["wine_mlp/0"]
+    by_key = {(r["schedule"], r["multiplier"]): r for r in records}
+    # the oracle's grid holds cosine at x1 on the same task: nothing cosine at x1 scores can beat it
+    assert 0 < oracle <= by_key["cosine", 1.0]["final_test"]
+    for m in MULTIPLIERS:
+        assert 1 / RATIO_CAP <= report["summary"][f"x{m:g}"]["policy"]["mean"] <= RATIO_CAP * (1 + 1e-9)  # a geomean
+    # the policy ran as PolicyScheduler: its LRs move by 2^a within the safety rule's range of the initial LR
+    task = evaluation_tasks("wine_mlp", 1, 1.0)[0]
+    lrs = np.array(by_key["policy", 1.0]["lrs"])
+    assert lrs[0] == task.lr and len(lrs) == len(by_key["policy", 1.0]["val_losses"])
+    assert np.all(lrs >= task.lr * 2.0**-12 * (1 - 1e-9)) and np.all(lrs <= task.lr * 64 * (1 + 1e-9))
+    assert np.all(np.abs(np.diff(np.log2(lrs))) <= 2 + 1e-9)  # at most x2 per epoch, or the safety cut to 1/4
+    assert len(set(lrs.round(12))) > 2  # it did move the LR
+    # a worker process and this one give the same run, bit for bit (the card's "deterministic" claim)
+    again = run_schedule(task, "policy", load_policy(None), multiplier=1.0)
+    assert again.lrs == by_key["policy", 1.0]["lrs"] and again.final_test == by_key["policy", 1.0]["final_test"]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("lrcontrol-evaluation").experiment_id])
+    assert runs and runs[0].data.metrics["policy/x1"] == pytest.approx(report["summary"]["x1"]["policy"]["mean"])
