@@ -129,6 +129,23 @@ def test_train_logs_to_the_default_embedded_store(tmp_path, monkeypatch):
     check_run(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run")
 
 
+def test_train_exports_the_best_validated_policy_not_the_last(tmp_path):
+    from controller import read_metadata
+
+    out = tmp_path / "run"
+    cfg = tc.TrainConfig(**{**TINY, "timesteps": 256, "eval_every": 64, "learning_rate": 3e-3}, out=str(out),
+                         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", registered_model="")
+    tc.train(cfg, show_progress=False)
+    state = json.loads((out / tc.STATE_FILE).read_text())
+    scores = [(e["val/ratio_vs_cosine"], e["step"]) for e in state["evals"]]
+    assert [step for _, step in scores] == [64, 128, 192, 256]
+    best_score, best_step = min(scores, key=lambda e: e[0])  # the first of equal scores
+    assert (state["best_score"], state["best_step"]) == (best_score, best_step)
+    assert best_step != 256  # with this seed the last policy is not the best: the check below can tell them apart
+    training = read_metadata(out / tc.POLICY_FILE)["training"]
+    assert (training["timesteps"], training["validation_ratio_vs_cosine"]) == (best_step, best_score)
+
+
 def _train_cli(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "train_controller.py"), "train", *args], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
