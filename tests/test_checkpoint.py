@@ -169,3 +169,57 @@ def test_plain_safetensors_without_our_metadata_is_refused(tmp_path):
 def test_missing_file_is_a_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_policy(tmp_path / "nope.safetensors")
+
+
+def _with_header(src: Path, dst: Path, edit) -> Path:
+    """``src`` with its safetensors header (parsed JSON) replaced by ``edit(header)`` (bytes or a JSON value)."""
+    data = src.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    new = edit(json.loads(data[8 : 8 + n]))
+    raw = new if isinstance(new, bytes) else json.dumps(new).encode()
+    raw += b" " * (-len(raw) % 8)
+    dst.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    return dst
+
+
+def _set_metadata(raw: str):
+    def edit(header):
+        header["__metadata__"][METADATA_KEY] = raw
+        return header
+    return edit
+
+
+def _declare_hidden(hidden: list[int]):
+    def edit(header):
+        meta = json.loads(header["__metadata__"][METADATA_KEY])
+        meta["net"]["hidden"] = hidden
+        header["__metadata__"][METADATA_KEY] = json.dumps(meta)
+        return header
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda header: b"{not json", "header is not valid JSON"),
+        (lambda header: [1, 2, 3], "header is not a JSON object"),
+        (_set_metadata("{not json"), "metadata is not valid JSON"),
+        (_set_metadata(json.dumps({"format": "something-else", "format_version": 1})), "metadata format is"),
+        (_set_metadata(json.dumps({"format": "lrcontrol-policy", "format_version": "1"})), "invalid format_version"),
+        (_declare_hidden([16, 16]), "weights do not match the declared net shape"),
+    ],
+    ids=["header-json", "header-list", "metadata-json", "format", "format-version", "shape"],
+)
+def test_corrupt_header_or_metadata_is_refused(tmp_path, edit, message):
+    good = save_policy(tmp_path / "good.safetensors", make_net())
+    load_policy(_with_header(good, tmp_path / "same.safetensors", lambda header: header))  # the rewrite is harmless
+    with pytest.raises(ValueError, match=message):
+        load_policy(_with_header(good, tmp_path / "bad.safetensors", edit))
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    net = make_net()
+    with torch.no_grad():
+        net.mlp[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite weights"):
+        load_policy(save_policy(tmp_path / "nan.safetensors", net))
