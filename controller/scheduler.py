@@ -378,14 +378,18 @@ class PolicyScheduler(LRScheduler):
         version = state.pop("version", None)
         if version != _STATE_VERSION:
             raise ValueError(f"PolicyScheduler state version {version!r} is not {_STATE_VERSION}")
+        # every key is checked before anything changes: a refused state leaves the scheduler as it was
+        parts, plain = {"features", "hook", "history"}, {
+            "last_epoch", "_step_count", "total_epochs", "initial_lr", "base_lrs", "_last_lr",
+            "min_lrs", "max_lrs", "_warned_nonfinite", "_pending_train_sum", "_pending_train_weight",
+        }
+        if unknown := sorted(set(state) - parts - plain):
+            raise ValueError(f"unknown PolicyScheduler state keys {unknown}")
+        if missing := sorted(parts - set(state)):
+            raise ValueError(f"PolicyScheduler state is missing {missing}")
         self.features.load_state_dict(state.pop("features"))
         self._hook.load_state_dict(state.pop("hook"))
         self.history = [dict(h) for h in state.pop("history")]
         self._pending_train_sum, self._pending_train_weight = 0.0, 0.0  # absent from states saved by earlier versions
         for key, value in state.items():
-            if key not in {
-                "last_epoch", "_step_count", "total_epochs", "initial_lr", "base_lrs", "_last_lr",
-                "min_lrs", "max_lrs", "_warned_nonfinite", "_pending_train_sum", "_pending_train_weight",
-            }:
-                raise ValueError(f"unknown PolicyScheduler state key {key!r}")
             setattr(self, key, value)

@@ -416,11 +416,28 @@ def test_bad_arguments_are_value_errors(tiny_mlp):
         PolicyScheduler(opt, total_epochs=5, policy=net, min_lr=0.1, max_lr=0.01)
     with pytest.raises(TypeError, match="not an Optimizer"):
         PolicyScheduler(model, total_epochs=5, policy=net)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="policy takes 7 features"):
+        PolicyScheduler(opt, total_epochs=5, policy=PolicyNet(7, hidden=(4,)))
+    for lr in (0.0, float("nan")):
+        with pytest.raises(ValueError, match="LR must be positive and finite"):
+            PolicyScheduler(torch.optim.SGD(model.parameters(), lr=lr), total_epochs=5, policy=net)
     sched = PolicyScheduler(opt, total_epochs=5, policy=net)
     with pytest.raises(ValueError, match="metrics must be a number"):
         sched.step("low")
     with pytest.raises(ValueError, match="scalar"):
         sched.step(torch.ones(3))
+    sched.step(1.0, train_loss=1.1)
+    before = sched.state_dict()
+    fresh = PolicyScheduler(torch.optim.SGD(model.parameters(), lr=0.01), total_epochs=5, policy=net)
+    with pytest.raises(ValueError, match="state version 0 is not"):
+        fresh.load_state_dict({**before, "version": 0})
+    with pytest.raises(ValueError, match=r"unknown PolicyScheduler state keys \['typo'\]"):
+        fresh.load_state_dict({**before, "typo": 1})
+    with pytest.raises(ValueError, match=r"state is missing \['hook'\]"):
+        fresh.load_state_dict({k: v for k, v in before.items() if k != "hook"})
+    assert fresh.history == [] and fresh.last_epoch == 0  # a refused state changed nothing
+    fresh.load_state_dict(before)
+    assert fresh.state_dict() == before
 
 
 def test_default_policy_runs_in_a_plain_loop(tiny_mlp):
