@@ -3,18 +3,19 @@
 Each trainer test records the LR every optimizer step saw (an optimizer step pre-hook), then checks
 that it changed exactly at the decisions and nowhere else, and that a run resumed from the trainer's
 own checkpoint continues the uninterrupted run's LR sequence exactly. The policy is a small random
-net (seeded) so that every decision moves the LR; the bundled default is a placeholder that holds it.
+net (seeded) whose every decision moves the LR, which the bundled policy need not do on these tasks.
 """
 
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from controller import PolicyNet, PolicyScheduler, save_policy
-from controller.features import N_FEATURES
+from controller.features import FEATURE_NAMES, N_FEATURES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -257,8 +258,11 @@ class _TinyRegressor(torch.nn.Module):
         return {"loss": None if labels is None else torch.nn.functional.mse_loss(out, labels), "logits": out}
 
 
-def _hf_trainer(tmp_path, policy_path, *, total_epochs=None, callbacks=(), **overrides):
-    """A Trainer on a tiny regression MLP; returns (trainer, per-step LRs, scheduler)."""
+def _hf_trainer(tmp_path, policy_path, *, total_epochs=None, callbacks=(), callback_kwargs=None,
+                compute_metrics=None, scheduler=None, **overrides):
+    """A Trainer on a tiny regression MLP; returns (trainer, per-step LRs, scheduler).
+
+    ``scheduler``: a function of the optimizer that replaces the PolicyScheduler."""
     transformers = pytest.importorskip("transformers", reason=HF_MISSING)
     pytest.importorskip("accelerate", reason=HF_MISSING)
     from controller.integrations.hf import PolicySchedulerCallback
@@ -267,7 +271,8 @@ def _hf_trainer(tmp_path, policy_path, *, total_epochs=None, callbacks=(), **ove
     model = _TinyRegressor()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     lrs = _record_lrs(optimizer)
-    scheduler = PolicyScheduler(optimizer, total_epochs=total_epochs, policy=policy_path)
+    scheduler = (PolicyScheduler(optimizer, total_epochs=total_epochs, policy=policy_path) if scheduler is None
+                 else scheduler(optimizer))
     settings = dict(
         output_dir=str(tmp_path), per_device_train_batch_size=16, per_device_eval_batch_size=32,
         num_train_epochs=4, eval_strategy="epoch", logging_strategy="epoch", save_strategy="no",
@@ -277,7 +282,8 @@ def _hf_trainer(tmp_path, policy_path, *, total_epochs=None, callbacks=(), **ove
     trainer = transformers.Trainer(
         model=model, args=transformers.TrainingArguments(**settings),
         train_dataset=_PairDataset(x[:64], y[:64]), eval_dataset=_PairDataset(x[64:], y[64:]),
-        optimizers=(optimizer, scheduler), callbacks=[*callbacks, PolicySchedulerCallback()],
+        optimizers=(optimizer, scheduler), callbacks=[*callbacks, PolicySchedulerCallback(**(callback_kwargs or {}))],
+        compute_metrics=compute_metrics,
     )
     return trainer, lrs, scheduler
 
@@ -350,6 +356,38 @@ def test_hf_resume_from_checkpoint_continues_the_exact_lr_sequence(tmp_path, pol
 def test_hf_refuses_runs_that_never_evaluate(tmp_path, policy_path):
     trainer, _, _ = _hf_trainer(tmp_path, policy_path, eval_strategy="no")
     with pytest.raises(ValueError, match="eval_strategy"):
+        trainer.train()
+
+
+def test_hf_passes_the_named_accuracy_metric_as_val_accuracy(tmp_path, policy_path):
+    def compute_metrics(prediction):  # a stand-in accuracy, different at each evaluation
+        return {"accuracy": float(np.clip(np.abs(prediction.predictions).mean(), 0.0, 1.0))}
+
+    trainer, _, scheduler = _hf_trainer(tmp_path, policy_path, callback_kwargs={"accuracy_metric": "eval_accuracy"},
+                                        compute_metrics=compute_metrics, num_train_epochs=2)
+    trainer.train()
+    logged = [e["eval_accuracy"] for e in trainer.state.log_history if "eval_accuracy" in e]
+    assert [h["val_accuracy"] for h in scheduler.history] == pytest.approx(logged[:len(scheduler.history)])
+    assert all(h["obs"][FEATURE_NAMES.index("has_accuracy")] == 1.0 for h in scheduler.history)
+
+
+@pytest.mark.parametrize(
+    "callback_kwargs, message",
+    [({"metric": "eval_nope"}, "metric='eval_nope'.* is not among the evaluation metrics"),
+     ({"accuracy_metric": "eval_accuracy"}, "accuracy_metric='eval_accuracy'.* is not among the evaluation metrics")],
+    ids=["metric", "accuracy-metric"],
+)
+def test_hf_names_a_metric_the_evaluation_does_not_report(tmp_path, policy_path, callback_kwargs, message):
+    trainer, _, scheduler = _hf_trainer(tmp_path, policy_path, callback_kwargs=callback_kwargs, num_train_epochs=1)
+    with pytest.raises(KeyError, match=message):
+        trainer.train()
+    assert scheduler.history == []
+
+
+def test_hf_callback_refuses_another_scheduler(tmp_path, policy_path):
+    trainer, _, _ = _hf_trainer(tmp_path, policy_path,
+                                scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4))
+    with pytest.raises(ValueError, match="needs the Trainer's scheduler to be a PolicyScheduler, got CosineAnnealingLR"):
         trainer.train()
 
 
