@@ -135,7 +135,7 @@ LIGHTNING_STEPS_PER_EPOCH = 4  # 64 samples, batches of 16
 
 
 def _lightning_run(tmp_path, policy_path, *, max_epochs, total_epochs=None, ckpt_path=None, callbacks=(),
-                   scheduler_config=None):
+                   scheduler_config=None, **trainer_kwargs):
     """Fit a tiny regression MLP; returns (per-step LRs, scheduler, module)."""
     pl = pytest.importorskip("pytorch_lightning", reason=LIGHTNING_MISSING)
     from torch.utils.data import DataLoader, TensorDataset
@@ -174,6 +174,7 @@ def _lightning_run(tmp_path, policy_path, *, max_epochs, total_epochs=None, ckpt
     trainer = pl.Trainer(
         max_epochs=max_epochs, callbacks=[*callbacks, PolicySchedulerCallback()], default_root_dir=tmp_path,
         logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+        **trainer_kwargs,
     )
     trainer.fit(model, train, val, ckpt_path=ckpt_path)
     return model.lrs, model.scheduler, model
@@ -225,6 +226,28 @@ def test_lightning_resume_continues_the_exact_lr_sequence(tmp_path, policy_path,
 def test_lightning_refuses_configs_that_would_never_pass_the_val_loss(tmp_path, policy_path, config, message):
     with pytest.raises(ValueError, match=message):
         _lightning_run(tmp_path, policy_path, max_epochs=1, scheduler_config=config)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"max_epochs": 2, "check_val_every_n_epoch": 2}, "validate every epoch"),
+     ({"max_epochs": -1, "max_steps": 8}, "takes its budget from Trainer\\(max_epochs=...\\), which is -1")],
+    ids=["validation-every-2-epochs", "no-epoch-budget"],
+)
+def test_lightning_refuses_trainers_it_cannot_decide_under(tmp_path, policy_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _lightning_run(tmp_path, policy_path, **kwargs)
+
+
+def test_lightning_scheduler_config_checks_its_arguments(policy_path):
+    pytest.importorskip("pytorch_lightning", reason=LIGHTNING_MISSING)
+    from controller.integrations.lightning import lr_scheduler_config
+
+    optimizer = _sgd()
+    with pytest.raises(TypeError, match="expected a PolicyScheduler, got StepLR"):
+        lr_scheduler_config(torch.optim.lr_scheduler.StepLR(optimizer, 1))
+    with pytest.raises(ValueError, match="monitor must be the logged name"):
+        lr_scheduler_config(PolicyScheduler(optimizer, total_epochs=3, policy=policy_path), monitor="")
 
 
 # ---------------------------------------------------------------------------------------------------
