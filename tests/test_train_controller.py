@@ -300,6 +300,24 @@ def test_export_refuses_corrupt_and_foreign_files(tmp_path):
     assert not (tmp_path / "p.safetensors").exists()
 
 
+def test_commands_refuse_what_they_cannot_use_before_any_work(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(tc.cli, ["train", "--resume", "--out", str(tmp_path / "empty")])
+    assert result.exit_code == 1 and "--resume: no run to resume" in result.output
+    run = tmp_path / "fresh_run"
+    run.mkdir()
+    (run / tc.STATE_FILE).write_text(json.dumps({"checkpoint": None}))
+    result = runner.invoke(tc.cli, ["export", str(run), str(tmp_path / "p.safetensors")])
+    assert result.exit_code == 1 and "has no checkpoint yet" in result.output
+    pickled = tmp_path / "policy.safetensors"
+    pickled.write_bytes(b"\x80\x04\x95" + bytes(64))
+    out = tmp_path / "eval"
+    result = runner.invoke(tc.cli, ["evaluate", "--policy", str(pickled), "--families", "wine_mlp", "--seeds", "1",
+                                    "--out", str(out), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    assert result.exit_code == 1 and "looks like a Python pickle" in result.output
+    assert not (out / "evaluation.json").exists()
+
+
 def test_help_explains_every_option_with_defaults():
     runner = CliRunner()
     for command in ("train", "export", "evaluate"):
