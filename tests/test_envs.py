@@ -119,6 +119,23 @@ def test_action_scales_every_group_and_return_telescopes():
     assert total == pytest.approx(math.log(first_val / info["val_loss"]), rel=1e-6)
 
 
+def test_vs_cosine_return_is_the_log_ratio_to_cosine_on_the_same_task():
+    from envs.evaluation import run_schedule
+
+    env = make_env("diabetes_mlp", reward="vs_cosine")
+    obs, info = env.reset(seed=5, options={"lr_multiplier": 1.0})
+    cosine = run_schedule(env.episode.task, "cosine").val_losses
+    assert info["val_loss"] == cosine[0]  # the first epoch runs at the initial LR in both
+    total, term, trunc, actions = 0.0, False, False, iter([1.0, 1.0, -0.5])
+    while not (term or trunc):
+        obs, r, term, trunc, info = env.step(np.array([next(actions, 0.0)], dtype=np.float32))
+        total += r
+    assert trunc and len(cosine) == info["epoch"]
+    assert total == pytest.approx(math.log(cosine[-1] / info["val_loss"]), rel=1e-6, abs=1e-9)
+    with pytest.raises(ValueError, match="reward must be 'log_val' or 'vs_cosine'"):
+        EnvConfig(reward="vs_constant")  # type: ignore[arg-type]
+
+
 def test_observation_is_fixed_length_and_bounded():
     env = make_env("tokens_attention")
     obs, _ = env.reset(seed=0)
