@@ -343,6 +343,21 @@ def test_action_map_and_safety_rule():
     assert lr == pytest.approx(1e-3 * cfg.max_ratio)
     lr, _ = next_lr(1e-3 * cfg.min_ratio, 1e-3, -1.0, val_loss=1.0, best_val_loss=1.0, config=cfg)
     assert lr == pytest.approx(1e-3 * cfg.min_ratio) and lr > 0
-    with pytest.raises(ValueError):
-        ActionConfig(cut_factor=1.5)
     assert ActionConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"scale": 0.0}, "scale must be positive"), ({"scale": math.inf}, "scale must be positive"),
+     ({"min_ratio": 0.0}, "0 < min_ratio <= 1 <= max_ratio"), ({"max_ratio": 0.5}, "0 < min_ratio <= 1 <= max_ratio"),
+     ({"max_ratio": math.inf}, "max_ratio < inf"), ({"blowup_ratio": 1.0}, "blowup_ratio must be > 1"),
+     ({"cut_factor": 1.5}, "cut_factor must be in"), ({"hold_ratio": 3.0}, "1 < hold_ratio <= blowup_ratio")],
+)
+def test_action_config_refuses_a_rule_that_cannot_work(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ActionConfig(**kwargs)
+
+
+def test_action_map_from_a_file_refuses_unknown_fields():
+    with pytest.raises(ValueError, match=r"unknown action map fields: \['warmup'\]"):
+        ActionConfig.from_dict({**ActionConfig().to_dict(), "warmup": 3})
