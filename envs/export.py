@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import re
 import zipfile
 from pathlib import Path
@@ -79,7 +80,11 @@ def read_sb3_zip(path: str | Path) -> PolicyNet:
         raise ValueError(f"{path} is not a zip archive (expected an SB3 .zip or a training run directory)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: its 'data' entry is not valid JSON ({err})") from None
-    except (RuntimeError, EOFError, OSError) as err:  # weights_only refusals and corrupt tensors land here
+    except pickle.UnpicklingError:  # weights_only met an object that is not a tensor: never unpickled
+        raise ValueError(f"{path}: its policy.pth holds Python objects other than tensors, which could run code when "
+                         "unpickled; refused without loading it (export only zips you trust, written by SB3's save)"
+                         ) from None
+    except (RuntimeError, EOFError, OSError) as err:  # corrupt tensor data lands here
         raise ValueError(f"{path}: cannot read policy.pth safely ({err})") from None
     act_text = str((data.get("policy_kwargs") or {}).get("activation_fn", "<class 'torch.nn.modules.activation.Tanh'>"))
     match = re.search(r"\.(\w+)'>$", act_text)

@@ -318,6 +318,26 @@ def test_commands_refuse_what_they_cannot_use_before_any_work(tmp_path):
     assert not (out / "evaluation.json").exists()
 
 
+def test_export_refuses_an_sb3_zip_carrying_a_pickle_payload_without_running_it(tmp_path):
+    import pickle
+    import zipfile
+
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("data", json.dumps({"policy_kwargs": {"activation_fn": "<class 'torch.nn.modules.activation.Tanh'>"}}))
+        z.writestr("policy.pth", pickle.dumps(Payload()))
+    result = CliRunner().invoke(tc.cli, ["export", str(evil), str(tmp_path / "p.safetensors")])
+    assert result.exit_code == 1 and "holds Python objects other than tensors" in result.output, result.output
+    assert "weights_only set to `False`" not in result.output  # torch's own advice would be the unsafe one here
+    assert not marker.exists() and not (tmp_path / "p.safetensors").exists()
+
+
 def test_help_explains_every_option_with_defaults():
     runner = CliRunner()
     for command in ("train", "export", "evaluate"):
