@@ -51,7 +51,9 @@ from tqdm import tqdm  # noqa: E402
 from controller.checkpoint import default_policy_path, load_policy, save_policy  # noqa: E402
 from controller.features import FEATURE_NAMES  # noqa: E402
 from controller.policy import PolicyNet  # noqa: E402
-from envs import TEST_FAMILIES, TRAIN_FAMILIES, VALIDATION_FAMILIES, EnvConfig, get_family  # noqa: E402
+from envs import (  # noqa: E402
+    TEST_FAMILIES, TRAIN_FAMILIES, VALIDATION_FAMILIES, EnvConfig, check_device, get_family, resolve_device,
+)
 from envs.batched import make_vec_env as batched_vec_env  # noqa: E402
 from envs.evaluation import (  # noqa: E402
     BASELINES,
@@ -135,6 +137,7 @@ class TrainConfig:
             raise ValueError(f"n_envs must be positive, got {self.n_envs}")
         for name in (*self.families, *self.eval_families):
             get_family(name)
+        check_device(self.device)  # a GPU this machine lacks is refused here, not inside the first inner run
         leaked = set(self.families) & set(VALIDATION_FAMILIES)
         if leaked:
             raise ValueError(f"validation families never train a policy; remove {sorted(leaked)} from families")
@@ -252,7 +255,7 @@ class Validator:
         self._cosine: list[RunRecord] | None = None
 
     def __call__(self, net: PolicyNet) -> tuple[float, dict[str, float], list[RunRecord], list[RunRecord]]:
-        device = self.cfg.device
+        device = str(resolve_device(self.cfg.device))  # "auto" → cuda or cpu, as the environments resolve it
         if self._cosine is None:
             self._cosine = run_jobs([(t, "cosine", None, i, m, device) for f, i, m, t in self.tasks], self.pool)
         policy = run_jobs([(t, "policy", net, i, m, device) for f, i, m, t in self.tasks], self.pool)
@@ -580,6 +583,10 @@ def format_table(ev: Evaluation) -> str:
 def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path, tracking_uri: str | None,
              experiment: str, workers: int, device: str = "cpu", show_progress: bool = True) -> Evaluation:
     """Run the evaluation protocol of ``envs.evaluation`` and report it (table, JSON, PNG, MLflow)."""
+    try:
+        device = str(resolve_device(device))
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--device") from None
     uri = resolve_tracking_uri(tracking_uri)
     probe_tracking_server(uri)
     try:
@@ -679,7 +686,7 @@ def cli() -> None:
 @click.option("--eval-every", type=click.IntRange(min=0), default=_D.eval_every, help="Env steps between validation evaluations (0: only at the end).")
 @click.option("--eval-seeds", type=click.IntRange(min=1), default=_D.eval_seeds, help="Tasks per validation family and LR multiplier.")
 @click.option("--eval-families", callback=_families, default=",".join(_D.eval_families), help="Comma-separated validation families of the periodic evaluation.")
-@click.option("--device", default=_D.device, help='Device of the inner runs: cpu, cuda, or "auto".')
+@click.option("--device", default=_D.device, help='Device of the inner runs: cpu, cuda, cuda:N, or "auto" (CUDA when available).')
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_command(resume: bool, no_progress: bool, out: Path, **kwargs: Any) -> None:
     """Train a controller with PPO over the train families and export the best policy to OUT/policy.safetensors."""
@@ -690,12 +697,11 @@ def train_command(resume: bool, no_progress: bool, out: Path, **kwargs: Any) -> 
         saved = json.loads(state_path.read_text())["config"]
         saved["families"], saved["eval_families"] = tuple(saved["families"]), tuple(saved["eval_families"])
         saved["net_arch"] = tuple(saved["net_arch"])
-        cfg = TrainConfig(**{**saved, "timesteps": kwargs["timesteps"], "out": str(out)})
-    else:
-        try:
-            cfg = TrainConfig(out=str(out), **kwargs)
-        except ValueError as err:
-            raise click.UsageError(str(err)) from None
+    try:
+        cfg = (TrainConfig(**{**saved, "timesteps": kwargs["timesteps"], "out": str(out)}) if resume
+               else TrainConfig(out=str(out), **kwargs))
+    except ValueError as err:  # e.g. a resumed run's CUDA device on a machine without one
+        raise click.UsageError(str(err)) from None
     train(cfg, resume=resume, show_progress=not no_progress)
 
 
@@ -721,7 +727,7 @@ def export_command(source: Path, out: Path) -> None:
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI. Default: sqlite:///./mlflow.db.")
 @click.option("--experiment", default="lrcontrol-evaluation", help="MLflow experiment name.")
 @click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1, help="Parallel inner runs.")
-@click.option("--device", default="cpu", help="Device of the inner runs.")
+@click.option("--device", default="cpu", help='Device of the inner runs: cpu, cuda, cuda:N, or "auto" (CUDA when available).')
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def evaluate_command(policy: Path | None, families: tuple[str, ...], seeds: int, out: Path, tracking_uri: str | None,
                      experiment: str, workers: int, device: str, no_progress: bool) -> None:

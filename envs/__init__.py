@@ -11,7 +11,7 @@ Example:
 import gymnasium as gym
 
 from envs.inner import EpochResult, InnerRun, TorchRun
-from envs.lr_env import EnvConfig, Episode, LRControlEnv, resolve_device
+from envs.lr_env import EnvConfig, Episode, LRControlEnv, check_device, resolve_device
 from envs.tasks import (
     FAMILIES,
     TEST_FAMILIES,
@@ -43,6 +43,7 @@ __all__ = [
     "TaskFamily",
     "TorchRun",
     "build_task",
+    "check_device",
     "get_family",
     "resolve_device",
 ]

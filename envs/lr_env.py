@@ -57,16 +57,38 @@ class EnvConfig:
             raise ValueError(f"reward must be 'log_val' or 'vs_cosine', got {self.reward!r}")
 
 
-def resolve_device(device: str) -> torch.device:
-    """"auto" → CUDA when available, else CPU.
+def check_device(device: str | torch.device) -> torch.device:
+    """The device ``device`` names ("auto": CUDA when available, else CPU), with no side effect.
 
-    On CUDA this also switches the process to deterministic kernels (cuDNN deterministic, torch's
+    Raises:
+        ValueError: not a device name, or a device this machine does not have (CUDA on a CPU-only torch
+            build or with no GPU visible, a GPU index beyond the visible ones), so that a command can say
+            so before any work rather than fail inside its first inner run.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"device {str(device)!r} is not available: {why}; use 'cpu' or 'auto'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} is not available: {torch.cuda.device_count()} CUDA device(s) visible")
+    return resolved
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """:func:`check_device`, then set up the process for deterministic inner runs on that device.
+
+    On CUDA this switches the process to deterministic kernels (cuDNN deterministic, torch's
     deterministic algorithms with a fixed cuBLAS workspace), so that the same seed gives the same
     trajectory there too: cuDNN convolutions and embedding backward passes otherwise differ from run to
     run in the last bits. Inner runs are small; the cost is minor.
     """
-    resolved = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                            ("cpu" if device == "auto" else device))
+    resolved = check_device(device)
     if resolved.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True

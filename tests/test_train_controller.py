@@ -123,7 +123,8 @@ def test_train_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
 
 def test_train_logs_to_the_default_embedded_store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = tc.TrainConfig(**{**TINY, "n_envs": 4, "n_steps": 32}, out="run")  # 4 slots: the batched path
+    # 4 slots: the batched path; "auto" reaches the validation runs resolved (it used to crash them)
+    cfg = tc.TrainConfig(**{**TINY, "n_envs": 4, "n_steps": 32, "device": "auto"}, out="run")
     tc.train(cfg, show_progress=False)
     assert (tmp_path / "mlflow.db").exists()
     check_run(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "run")
@@ -225,6 +226,8 @@ def test_server_dropping_mid_run_keeps_training_and_says_what_was_lost(tmp_path)
         (["--families", "digits_mlp,moons_mlp"], "test families are for reporting only"),
         (["--eval-families", "digits_cnn,wine_mlp"], "test families are for reporting only"),
         (["--eval-families", "test"], "test families are for reporting only"),
+        (["--device", "cuda:99"], "'cuda:99' is not available"),
+        (["--device", "gpu"], "unknown device 'gpu'"),
         (["--net-arch", "16,x"], "expected comma-separated layer sizes"),
         (["--batch-size", "4096", "--n-steps", "64", "--n-envs", "1"], "exceeds the rollout size"),
     ],
@@ -309,6 +312,8 @@ def test_commands_refuse_what_they_cannot_use_before_any_work(tmp_path):
     (run / tc.STATE_FILE).write_text(json.dumps({"checkpoint": None}))
     result = runner.invoke(tc.cli, ["export", str(run), str(tmp_path / "p.safetensors")])
     assert result.exit_code == 1 and "has no checkpoint yet" in result.output
+    result = runner.invoke(tc.cli, ["evaluate", "--device", "cuda:99", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "'cuda:99' is not available" in result.output
     pickled = tmp_path / "policy.safetensors"
     pickled.write_bytes(b"\x80\x04\x95" + bytes(64))
     out = tmp_path / "eval"
