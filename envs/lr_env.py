@@ -302,8 +302,10 @@ class LRControlEnv(gym.Env):
         if episode.diverged:  # the first epoch already diverged: nothing left to control
             assert self._last_obs is not None
             return self._last_obs.copy(), -self.config.divergence_penalty, True, False, dict(self._last_info)
-        a = float(np.asarray(action, dtype=np.float64).reshape(-1)[0])
-        self.run.set_lr(episode.decide(self.run.lr, a))
+        flat = np.asarray(action, dtype=np.float64).reshape(-1)
+        if flat.size != 1:
+            raise ValueError(f"an action is one number a in [-1, 1] (the LR becomes lr·2^a), got shape {np.shape(action)}")
+        self.run.set_lr(episode.decide(self.run.lr, float(flat[0])))
         obs, reward, terminated, truncated, info = episode.advance(self.run.run_epoch(), self.run.lr)
         self._last_obs, self._last_info = obs, info
         return obs, reward, terminated, truncated, info

@@ -136,6 +136,14 @@ def test_vs_cosine_return_is_the_log_ratio_to_cosine_on_the_same_task():
         EnvConfig(reward="vs_constant")  # type: ignore[arg-type]
 
 
+def test_an_action_of_another_shape_is_a_value_error():
+    env = make_env("diabetes_mlp")
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"an action is one number .* got shape \(2,\)"):
+        env.step(np.array([0.1, 0.2], dtype=np.float32))
+    env.step(np.float32(0.5))  # a bare number is one action too
+
+
 def test_observation_is_fixed_length_and_bounded():
     env = make_env("tokens_attention")
     obs, _ = env.reset(seed=0)
