@@ -262,6 +262,8 @@ class PolicyScheduler(LRScheduler):
         Raises:
             RuntimeError: a decision is due but the scheduler was built with ``total_epochs=None``
                 and nothing has called :meth:`set_total_epochs`.
+            ValueError: an argument that is not a number (or a one-element tensor), or a
+                ``val_accuracy`` outside [0, 1]; nothing changes then.
         """
         val_loss = _as_float(metrics, "metrics")
         if val_loss is None:
@@ -281,6 +283,8 @@ class PolicyScheduler(LRScheduler):
             train = self.pending_train_loss
         self._pending_train_sum, self._pending_train_weight = 0.0, 0.0
         accuracy = _as_float(val_accuracy, "val_accuracy")
+        if accuracy is not None and not 0.0 <= accuracy <= 1.0 and not math.isnan(accuracy):
+            raise ValueError(f"val_accuracy must be a fraction in [0, 1], got {accuracy} (a percentage? divide by 100)")
         synced = self.sync_ranks and _ranks() > 1
         if synced:  # every rank decides from the same losses (its optimizer hook sees DDP's shared gradients)
             device = _collective_device(self._hook.device)

@@ -426,6 +426,9 @@ def test_bad_arguments_are_value_errors(tiny_mlp):
         sched.step("low")
     with pytest.raises(ValueError, match="scalar"):
         sched.step(torch.ones(3))
+    with pytest.raises(ValueError, match=r"val_accuracy must be a fraction in \[0, 1\], got 85.0 \(a percentage"):
+        sched.step(1.0, train_loss=1.1, val_accuracy=85.0)
+    assert sched.history == [] and sched.last_epoch == 0  # refused before anything changed
     sched.step(1.0, train_loss=1.1)
     before = sched.state_dict()
     fresh = PolicyScheduler(torch.optim.SGD(model.parameters(), lr=0.01), total_epochs=5, policy=net)
