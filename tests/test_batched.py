@@ -349,10 +349,13 @@ def test_seeded_reset_is_reproducible():
 
 def test_vec_env_api_and_refusals():
     assert LRControlVecEnv(1).config.families == ("digits_mlp", "friedman_mlp", "breast_cancer_mlp", "teacher_mlp")
-    config = EnvConfig(families=("diabetes_mlp",))
+    # the family's default LR and a seed: a task drawn at a random LR can diverge in its first epoch (a NaN
+    # test loss), which made this check fail now and then
+    config = EnvConfig(families=("diabetes_mlp",), lr_multiplier=1.0)
     venv = LRControlVecEnv(2, config)
     with pytest.raises(RuntimeError, match="reset"):
         venv.step(np.zeros((2, 1), dtype=np.float32))
+    venv.seed(0)
     venv.reset()
     assert venv.get_attr("render_mode") == [None, None]
     assert venv.get_attr("config", [1]) == [config]
