@@ -118,7 +118,7 @@ class TrainConfig:
     net_arch: tuple[int, ...] = (64, 64)
     """Hidden layers of the policy and value networks."""
     checkpoint_every: int = 10_000
-    """Env steps between checkpoints (a SIGKILL loses at most this much)."""
+    """Env steps between checkpoints (a SIGKILL loses at most this much; Ctrl-C checkpoints where it stops)."""
     eval_every: int = 25_000
     """Env steps between validation evaluations (0: only at the end)."""
     eval_seeds: int = 1
@@ -491,7 +491,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
         callback = TrainingCallback(cfg, out, state, tracker, validator, show_progress)
         remaining = cfg.timesteps - state["num_timesteps"]
         if remaining > 0:
-            model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=False)
+            try:
+                model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=False)
+            except KeyboardInterrupt:  # Ctrl-C: keep what was learned since the last checkpoint
+                if getattr(callback, "model", None) is not None:
+                    callback.checkpoint()
+                click.echo(f"\ninterrupted at step {state['num_timesteps']}, checkpoint saved: continue with "
+                           f"`python train_controller.py train --out {out} --resume`", err=True)
+                raise
             model.logger.dump(model.num_timesteps)  # SB3 dumps before each update: flush the last one's losses
         if not state["evals"] or state["evals"][-1]["step"] != model.num_timesteps:
             callback.init_callback(model)
@@ -510,7 +517,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
             _log_pyfunc(tracker, policy_path, cfg.registered_model)
         tracker.call("end_run", lambda: mlflow.end_run("FINISHED"))
     finally:
-        vec_env.close()
+        try:
+            vec_env.close()
+        except (EOFError, OSError):  # subprocess envs a Ctrl-C to the whole process group already stopped
+            pass
         pool.shutdown(cancel_futures=True)
         if mlflow.active_run() is not None:
             tracker.call("end_run", lambda: mlflow.end_run("KILLED"))

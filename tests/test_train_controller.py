@@ -186,6 +186,33 @@ def test_kill_and_resume_continues_steps_and_mlflow_run(tmp_path):
     assert (out / "policy.safetensors").exists()
 
 
+def test_ctrl_c_checkpoints_where_it_stops_and_resume_goes_on_from_there(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    # no periodic checkpoint before the interrupt: whatever is saved, Ctrl-C saved it
+    proc = _train_cli([*TINY_CLI, "--timesteps", "100000", "--checkpoint-every", "100000", "--out", str(out)], tmp_path)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:  # until a PPO update has been logged
+        state = json.loads((out / "state.json").read_text()) if (out / "state.json").exists() else {}
+        if state.get("mlflow_run_id") and client.get_metric_history(state["mlflow_run_id"], "train/loss"):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, f"finished before the interrupt: {proc.stdout.read()}"
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and "checkpoint saved: continue with" in output, output
+    state = json.loads((out / "state.json").read_text())
+    assert state["num_timesteps"] >= 64 and (out / "checkpoints" / state["checkpoint"]).exists()
+    assert client.get_run(state["mlflow_run_id"]).info.status == "KILLED"
+    target = state["num_timesteps"] + 64
+    resumed = _train_cli(["--resume", "--timesteps", str(target), "--out", str(out), "--no-progress"], tmp_path)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output
+    assert json.loads((out / "state.json").read_text())["num_timesteps"] == target
+
+
 def test_unreachable_server_is_reported_before_any_work(tmp_path):
     port = free_port()
     result = CliRunner().invoke(tc.cli, ["train", "--timesteps", "64", "--out", str(tmp_path / "run"),
