@@ -18,18 +18,21 @@ This file reads top to bottom: the config, MLflow tracking, the training loop wi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +121,7 @@ class TrainConfig:
     net_arch: tuple[int, ...] = (64, 64)
     """Hidden layers of the policy and value networks."""
     checkpoint_every: int = 10_000
-    """Env steps between checkpoints (a SIGKILL loses at most this much; Ctrl-C checkpoints where it stops)."""
+    """Env steps between checkpoints (a SIGKILL loses at most this much; Ctrl-C or SIGTERM checkpoints where it stops)."""
     eval_every: int = 25_000
     """Env steps between validation evaluations (0: only at the end)."""
     eval_seeds: int = 1
@@ -428,6 +431,24 @@ def save_exported(net: PolicyNet, path: Path, cfg: TrainConfig, step: int, score
                        description=f"PPO policy after {step} env steps on families {', '.join(cfg.families)}")
 
 
+@contextlib.contextmanager
+def _sigterm_as_keyboard_interrupt() -> Iterator[None]:
+    """SIGTERM (what job schedulers send before a kill) raises KeyboardInterrupt, as Ctrl-C does, so that
+    training stops the same way: with a checkpoint. Outside the main thread signals cannot be handled: no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _check_out_dir(out: Path, resume: bool) -> dict[str, Any] | None:
     """Validate OUT before any work; return the saved state when resuming."""
     try:
@@ -492,8 +513,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
         remaining = cfg.timesteps - state["num_timesteps"]
         if remaining > 0:
             try:
-                model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=False)
-            except KeyboardInterrupt:  # Ctrl-C: keep what was learned since the last checkpoint
+                with _sigterm_as_keyboard_interrupt():
+                    model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=False)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was learned since the last checkpoint
                 if getattr(callback, "model", None) is not None:
                     callback.checkpoint()
                 click.echo(f"\ninterrupted at step {state['num_timesteps']}, checkpoint saved: continue with "

@@ -186,12 +186,17 @@ def test_kill_and_resume_continues_steps_and_mlflow_run(tmp_path):
     assert (out / "policy.safetensors").exists()
 
 
-def test_ctrl_c_checkpoints_where_it_stops_and_resume_goes_on_from_there(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupt_checkpoints_where_it_stops_and_resume_goes_on_from_there(tmp_path, signum):
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "run"
-    # no periodic checkpoint before the interrupt: whatever is saved, Ctrl-C saved it
-    proc = _train_cli([*TINY_CLI, "--timesteps", "100000", "--checkpoint-every", "100000", "--out", str(out)], tmp_path)
+    # no periodic checkpoint before the interrupt: whatever is saved, the interrupt saved it. SIGINT as a
+    # terminal's Ctrl-C delivers it: a shell that starts pytest in the background makes its children ignore it
+    args = [sys.executable, str(ROOT / "train_controller.py"), "train", *TINY_CLI, "--timesteps", "100000",
+            "--checkpoint-every", "100000", "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:  # until a PPO update has been logged
@@ -200,7 +205,7 @@ def test_ctrl_c_checkpoints_where_it_stops_and_resume_goes_on_from_there(tmp_pat
             break
         time.sleep(0.5)
     assert proc.poll() is None, f"finished before the interrupt: {proc.stdout.read()}"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0 and "checkpoint saved: continue with" in output, output
     state = json.loads((out / "state.json").read_text())
