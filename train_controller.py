@@ -121,7 +121,7 @@ class TrainConfig:
     net_arch: tuple[int, ...] = (64, 64)
     """Hidden layers of the policy and value networks."""
     checkpoint_every: int = 10_000
-    """Env steps between checkpoints (a SIGKILL loses at most this much; Ctrl-C or SIGTERM checkpoints where it stops)."""
+    """Env steps between checkpoints (SIGKILL loses at most this much; Ctrl-C or SIGTERM checkpoint where it stops)."""
     eval_every: int = 25_000
     """Env steps between validation evaluations (0: only at the end)."""
     eval_seeds: int = 1
@@ -253,12 +253,13 @@ class Validator:
 
     def __init__(self, cfg: TrainConfig, pool: Any = None) -> None:
         self.cfg, self.pool = cfg, pool
+        self.device = str(resolve_device(cfg.device))  # "auto" → cuda or cpu, as the environments resolve it
         self.tasks = [(family, i, m, task) for family in cfg.eval_families for m in MULTIPLIERS
                       for i, task in enumerate(evaluation_tasks(family, cfg.eval_seeds, m, SELECTION_SEED))]
         self._cosine: list[RunRecord] | None = None
 
     def __call__(self, net: PolicyNet) -> tuple[float, dict[str, float], list[RunRecord], list[RunRecord]]:
-        device = str(resolve_device(self.cfg.device))  # "auto" → cuda or cpu, as the environments resolve it
+        device = self.device
         if self._cosine is None:
             self._cosine = run_jobs([(t, "cosine", None, i, m, device) for f, i, m, t in self.tasks], self.pool)
         policy = run_jobs([(t, "policy", net, i, m, device) for f, i, m, t in self.tasks], self.pool)
@@ -753,7 +754,7 @@ def export_command(source: Path, out: Path) -> None:
 @click.option("--policy", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Policy file to evaluate. Default: the bundled default policy.")
 @click.option("--families", callback=_families, default=",".join(VALIDATION_FAMILIES), help="Comma-separated families to evaluate on; 'train', 'validation' or 'test' stands for that whole split. "
-              "The test families (wine_mlp,digits_gru,moons_mlp) are for reporting only: never trained or selected on.")
+              f"The test families ({','.join(TEST_FAMILIES)}) are for reporting only: never trained or selected on.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, help="Tasks per family (each at x0.1, x1 and x10 of the default LR).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/evaluation"), help="Where the table, JSON and PNG go.")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI. Default: sqlite:///./mlflow.db.")

@@ -97,8 +97,8 @@ class PolicyScheduler(LRScheduler):
     ``step()`` with no metric (what Hugging Face Trainer calls after every optimizer step) leaves the
     LR unchanged. It replaces the whole schedule, warm-up included: inside ``SequentialLR`` or
     ``ChainedScheduler``, which call ``step()`` with no metric, it would never decide (those refuse
-    ``ReduceLROnPlateau`` for the same reason). Trainers that call ``step(val_loss)`` themselves (Lightning, Hugging Face) cannot pass
-    ``train_loss``: :meth:`observe_train_loss` records it beforehand instead, and the next decision
+    ``ReduceLROnPlateau`` for the same reason). Trainers that call ``step(val_loss)`` themselves
+    (Lightning, Hugging Face) cannot pass ``train_loss``: :meth:`observe_train_loss` records it beforehand instead, and the next decision
     uses the weighted mean of what was recorded since the previous one (the callbacks in
     :mod:`controller.integrations` do this with no user code).
 

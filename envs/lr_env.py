@@ -76,7 +76,8 @@ def check_device(device: str | torch.device) -> torch.device:
             why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
             raise ValueError(f"device {str(device)!r} is not available: {why}; use 'cpu' or 'auto'")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} is not available: {torch.cuda.device_count()} CUDA device(s) visible")
+            raise ValueError(f"device {str(device)!r} is not available: "
+                             f"{torch.cuda.device_count()} CUDA device(s) visible")
     return resolved
 
 
@@ -304,7 +305,8 @@ class LRControlEnv(gym.Env):
             return self._last_obs.copy(), -self.config.divergence_penalty, True, False, dict(self._last_info)
         flat = np.asarray(action, dtype=np.float64).reshape(-1)
         if flat.size != 1:
-            raise ValueError(f"an action is one number a in [-1, 1] (the LR becomes lr·2^a), got shape {np.shape(action)}")
+            raise ValueError(f"an action is one number a in [-1, 1] (the LR becomes lr·2^a), "
+                             f"got shape {np.shape(action)}")
         self.run.set_lr(episode.decide(self.run.lr, float(flat[0])))
         obs, reward, terminated, truncated, info = episode.advance(self.run.run_epoch(), self.run.lr)
         self._last_obs, self._last_info = obs, info
