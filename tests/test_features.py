@@ -201,6 +201,32 @@ def test_probe_plan_fills_exactly_what_flattening_and_concatenating_gives(rows, 
     assert all(torch.equal(a, b) for a, b in zip(first, expected[0])), "the second fill left the first step's alone"
 
 
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [7, 300 * 256, 3, 100, 5000, 1, 70_000],  # parameters inside one block, blocks straddling several
+        [PROBE_COORDS + 1],  # one parameter; blocks 256 apart, so touching
+        [255, 257, 100_000, 256, 511],  # a partial block at either end of the large one
+        [10**6],
+    ],
+    ids=["mixed", "touching", "edges", "one"],
+)
+def test_probe_plan_sketch_fills_the_sketch_coordinates_for_any_layout(sizes):
+    """On the sketch, a parameter's share is whole blocks (copied as rows) and partial blocks at its
+    ends (copied as runs): for any layout of parameter sizes, the buffer holds exactly the values
+    indexing the concatenated vector at ``probe_coordinates`` gives."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    plan = _ProbePlan(params)
+    index = probe_coordinates(sum(sizes))
+    assert plan.sketched and plan.buffer.shape[-1] == PROBE_COORDS
+    grads = [torch.randn(n) for n in sizes]
+    with torch.no_grad():  # as inside the hook
+        grad, weight = plan.fill(1, grads)
+    assert torch.equal(grad, torch.cat(grads)[index])
+    assert torch.equal(weight, torch.cat([p.detach() for p in params])[index])
+
+
 @pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adagrad])
 def test_hook_reads_sparse_gradients_as_their_dense_equivalent(optimizer):
     """nn.Embedding(sparse=True) gives uncoalesced COO gradients (a repeated index is two entries):
