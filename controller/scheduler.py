@@ -105,7 +105,7 @@ class PolicyScheduler(LRScheduler):
     A NaN or infinite ``metrics`` / ``train_loss`` does not reach the policy: the LR is multiplied by
     the policy's ``cut_factor`` (0.25 for the bundled policy), a warning is issued once, and training
     carries on. The LR is never set to NaN or 0. Losses must be positive (the features are log ratios
-    of losses): a negative one is warned about once.
+    of losses): a negative one is warned about once, and so is a decision past ``total_epochs``.
 
     Args:
         optimizer: any ``torch.optim.Optimizer``, any number of param groups, on CPU or CUDA. Groups
@@ -187,6 +187,7 @@ class PolicyScheduler(LRScheduler):
         self._pending_train_weight = 0.0
         self._warned_nonfinite = False
         self._warned_negative = False
+        self._warned_over_budget = False
         self.sync_ranks = sync_ranks
         self._hook = StepStatsHook(optimizer)
         super().__init__(optimizer, last_epoch)
@@ -291,6 +292,15 @@ class PolicyScheduler(LRScheduler):
             val_loss, train, accuracy = _mean_over_ranks(val_loss, train, accuracy, device)
         self.last_epoch += 1
         self._step_count += 1
+        if self.last_epoch > self.total_epochs and not self._warned_over_budget:
+            warnings.warn(
+                f"PolicyScheduler decision {self.last_epoch} exceeds total_epochs={self.total_epochs}: the policy "
+                "learned on runs that end at their budget, so from here it sees a finished run and decides outside "
+                "what it was trained on; pass the real budget (total_epochs=N or set_total_epochs(N)) (warned once)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._warned_over_budget = True
         lr = float(self.optimizer.param_groups[0]["lr"])
         obs = self.features.observe(
             epoch=self.last_epoch, lr=lr, train_loss=train, val_loss=val_loss, val_accuracy=accuracy,

@@ -454,3 +454,23 @@ def test_default_policy_runs_in_a_plain_loop(tiny_mlp):
     assert len(sched.history) == 4
     assert all(math.isfinite(h["lr"]) and h["lr"] > 0 for h in sched.history)
     assert set(sched.history[0]) >= {"epoch", "lr", "action", "obs", "train_loss", "val_loss"}
+
+
+def test_decisions_past_the_epoch_budget_are_warned_about_once(tiny_mlp):
+    """The policy never saw a run go past its budget: the decision after the last planned one is named
+    in a warning, once; a budget raised with set_total_epochs is honoured."""
+    model, _, _ = tiny_mlp
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = PolicyScheduler(opt, total_epochs=3, policy=random_policy(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for epoch in range(3):
+            sched.step(1.0 - 0.1 * epoch, train_loss=1.0)
+        sched.set_total_epochs(4)
+        sched.step(0.6, train_loss=0.9)
+    with pytest.warns(RuntimeWarning, match=r"decision 5 exceeds total_epochs=4"):
+        sched.step(0.5, train_loss=0.8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched.step(0.4, train_loss=0.7)
+    assert len(sched.history) == 6 and all(h["lr"] > 0 for h in sched.history)
