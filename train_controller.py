@@ -170,18 +170,31 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def probe_tracking_server(uri: str, timeout: float = 3.0) -> None:
-    """Raise ``click.ClickException`` within ``timeout`` seconds if an http(s) server does not answer."""
-    if not uri.startswith(("http://", "https://")):
+def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
+    """Raise ``click.ClickException`` before any work if MLflow cannot use ``uri``.
+
+    An http(s) server must answer ``/health`` within ``timeout`` seconds (MLflow's own retries take
+    minutes). Any other URI must open as an MLflow store: an unknown scheme, a database driver that is
+    not installed or a store MLflow refuses is named here, not in a traceback after the run started.
+    """
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                if response.status != 200:
+                    raise OSError(f"HTTP {response.status}")
+        except (OSError, urllib.error.URLError) as err:
+            raise click.ClickException(
+                f"cannot reach the MLflow tracking server at {uri} ({err}). Start it (e.g. `mlflow server --host "
+                "127.0.0.1 --port 5000`) or leave out --tracking-uri to log to the local sqlite store."
+            ) from None
         return
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            if response.status != 200:
-                raise OSError(f"HTTP {response.status}")
-    except (OSError, urllib.error.URLError) as err:
+        mlflow.MlflowClient(tracking_uri=uri)  # opens the store (a new sqlite file gets its tables here)
+    except Exception as err:  # MLflow raises many kinds: unknown scheme, missing driver, refused file store
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise click.ClickException(
-            f"cannot reach the MLflow tracking server at {uri} ({err}). Start it (e.g. `mlflow server --host "
-            "127.0.0.1 --port 5000`) or leave out --tracking-uri to log to the local sqlite store."
+            f"cannot use {uri!r} as an MLflow tracking URI: {reason}. Use http(s)://host:port for a server or "
+            "sqlite:///path/to/mlflow.db for a local store (the default)."
         ) from None
 
 
@@ -474,7 +487,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
     out = Path(cfg.out)
     saved = _check_out_dir(out, resume)
     uri = resolve_tracking_uri(cfg.tracking_uri)
-    probe_tracking_server(uri)
+    check_tracking_uri(uri)
     torch.set_num_threads(1)
 
     mlflow.set_tracking_uri(uri)
@@ -621,7 +634,7 @@ def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--device") from None
     uri = resolve_tracking_uri(tracking_uri)
-    probe_tracking_server(uri)
+    check_tracking_uri(uri)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

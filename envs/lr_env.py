@@ -61,9 +61,10 @@ def check_device(device: str | torch.device) -> torch.device:
     """The device ``device`` names ("auto": CUDA when available, else CPU), with no side effect.
 
     Raises:
-        ValueError: not a device name, or a device this machine does not have (CUDA on a CPU-only torch
-            build or with no GPU visible, a GPU index beyond the visible ones), so that a command can say
-            so before any work rather than fail inside its first inner run.
+        ValueError: not a device name, a device type other than CPU and CUDA (``mps``, ``meta``, …), or a
+            device this machine does not have (CUDA on a CPU-only torch build or with no GPU visible, a GPU
+            index beyond the visible ones), so that a command can say so before any work rather than fail
+            inside its first inner run.
     """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,6 +72,9 @@ def check_device(device: str | torch.device) -> torch.device:
         resolved = torch.device(device)
     except RuntimeError:
         raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if resolved.type not in ("cpu", "cuda"):  # mps, xpu, meta, …: torch names them, the inner runs never ran there
+        raise ValueError(f"device {str(device)!r} is not supported: inner runs run on 'cpu', 'cuda', 'cuda:N' "
+                         "or 'auto'")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"

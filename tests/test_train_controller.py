@@ -260,6 +260,8 @@ def test_server_dropping_mid_run_keeps_training_and_says_what_was_lost(tmp_path)
         (["--eval-families", "test"], "test families are for reporting only"),
         (["--device", "cuda:99"], "'cuda:99' is not available"),
         (["--device", "gpu"], "unknown device 'gpu'"),
+        (["--device", "mps"], "device 'mps' is not supported"),
+        (["--device", "meta"], "device 'meta' is not supported"),
         (["--net-arch", "16,x"], "expected comma-separated layer sizes"),
         (["--batch-size", "4096", "--n-steps", "64", "--n-envs", "1"], "exceeds the rollout size"),
     ],
@@ -346,6 +348,10 @@ def test_commands_refuse_what_they_cannot_use_before_any_work(tmp_path):
     assert result.exit_code == 1 and "has no checkpoint yet" in result.output
     result = runner.invoke(tc.cli, ["evaluate", "--device", "cuda:99", "--out", str(tmp_path / "e")])
     assert result.exit_code == 2 and "'cuda:99' is not available" in result.output
+    for command in ("train", "evaluate"):  # a URI MLflow cannot open: named before any work, no traceback
+        result = runner.invoke(tc.cli, [command, "--tracking-uri", "bogus://x", "--out", str(tmp_path / command)])
+        assert result.exit_code == 1 and "cannot use 'bogus://x' as an MLflow tracking URI" in result.output
+        assert not (tmp_path / command / tc.STATE_FILE).exists()
     pickled = tmp_path / "policy.safetensors"
     pickled.write_bytes(b"\x80\x04\x95" + bytes(64))
     out = tmp_path / "eval"
