@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +107,11 @@ def check_run(uri: str, out: Path) -> None:
 
 def test_train_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
     cfg = tc.TrainConfig(**TINY, out=str(tmp_path / "run"), tracking_uri=mlflow_server.uri, experiment="server-test")
-    policy_path = tc.train(cfg, show_progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.onceregistry.clear()  # MLflow shows its type-hint advice "once" per process: as in a fresh one
+        policy_path = tc.train(cfg, show_progress=False)
+    assert not [w for w in caught if "type hints" in str(w.message)], "MLflow's type-hint advice reached the user"
     assert policy_path == tmp_path / "run" / "policy.safetensors" and policy_path.exists()
     check_run(mlflow_server.uri, tmp_path / "run")
     assert not (tmp_path / "run" / tc.UNLOGGED_FILE).exists()
