@@ -525,21 +525,21 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
         validator = Validator(cfg, pool)
         callback = TrainingCallback(cfg, out, state, tracker, validator, show_progress)
         remaining = cfg.timesteps - state["num_timesteps"]
-        if remaining > 0:
-            try:
-                with _sigterm_as_keyboard_interrupt():
+        try:
+            with _sigterm_as_keyboard_interrupt():
+                if remaining > 0:
                     model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=False)
-            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was learned since the last checkpoint
-                if getattr(callback, "model", None) is not None:
-                    callback.checkpoint()
-                click.echo(f"\ninterrupted at step {state['num_timesteps']}, checkpoint saved: continue with "
-                           f"`python train_controller.py train --out {out} --resume`", err=True)
-                raise
-            model.logger.dump(model.num_timesteps)  # SB3 dumps before each update: flush the last one's losses
-        if not state["evals"] or state["evals"][-1]["step"] != model.num_timesteps:
-            callback.init_callback(model)
-            callback.validate()
-        callback.checkpoint()
+                    model.logger.dump(model.num_timesteps)  # SB3 dumps before each update: flush the last losses
+                callback.init_callback(model)
+                callback.checkpoint()  # before the final validation, which can take minutes: nothing to lose there
+                if not state["evals"] or state["evals"][-1]["step"] != model.num_timesteps:
+                    callback.validate()  # a resumed run that was stopped here does it again
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was learned since the last checkpoint
+            if getattr(callback, "model", None) is not None:
+                callback.checkpoint()
+            click.echo(f"\ninterrupted at step {state['num_timesteps']}, checkpoint saved: continue with "
+                       f"`python train_controller.py train --out {out} --resume`", err=True)
+            raise
 
         policy_path = out / POLICY_FILE
         shutil.copyfile(out / BEST_POLICY_FILE, policy_path)

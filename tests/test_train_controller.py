@@ -223,6 +223,31 @@ def test_an_interrupt_checkpoints_where_it_stops_and_resume_goes_on_from_there(t
     assert json.loads((out / "state.json").read_text())["num_timesteps"] == target
 
 
+def test_a_sigterm_during_the_final_validation_keeps_the_trained_steps(tmp_path):
+    """The final validation can take minutes: the steps trained since the last periodic checkpoint are
+    saved before it starts, an interrupt there says so, and a resume only validates and exports."""
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "train_controller.py"), "train", *TINY_CLI, "--timesteps", "64",
+            "--checkpoint-every", "100000", "--eval-families", "digits_cnn", "--eval-seeds", "2", "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not list((out / "checkpoints").glob("step_*.zip")):
+        time.sleep(0.2)
+    assert proc.poll() is None, f"finished before the interrupt: {proc.stdout.read()}"
+    time.sleep(1.0)  # inside the validation's inner runs
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1 and "interrupted at step 64, checkpoint saved" in output, output
+    state = json.loads((out / "state.json").read_text())
+    assert state["num_timesteps"] == 64 and state["checkpoint"] == "step_000000064.zip" and not state["evals"]
+    assert not (out / "policy.safetensors").exists()
+    resumed = _train_cli(["--resume", "--timesteps", "64", "--out", str(out), "--no-progress"], tmp_path)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output
+    state = json.loads((out / "state.json").read_text())
+    assert [e["step"] for e in state["evals"]] == [64] and (out / "policy.safetensors").exists()
+
+
 def test_unreachable_server_is_reported_before_any_work(tmp_path):
     port = free_port()
     result = CliRunner().invoke(tc.cli, ["train", "--timesteps", "64", "--out", str(tmp_path / "run"),
