@@ -447,8 +447,9 @@ def save_exported(net: PolicyNet, path: Path, cfg: TrainConfig, step: int, score
 
 @contextlib.contextmanager
 def _sigterm_as_keyboard_interrupt() -> Iterator[None]:
-    """SIGTERM (what job schedulers send before a kill) raises KeyboardInterrupt, as Ctrl-C does, so that
-    training stops the same way: with a checkpoint. Outside the main thread signals cannot be handled: no-op."""
+    """SIGTERM (what job schedulers and ``timeout`` send before a kill) raises KeyboardInterrupt, as Ctrl-C does,
+    so that a long command stops the same way: ``train`` with a checkpoint, ``evaluate`` with its worker processes
+    stopped rather than orphaned. Outside the main thread signals cannot be handled: no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -650,9 +651,16 @@ def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
     total = n_jobs(families, seeds, MULTIPLIERS, 1 + len(BASELINES))
-    with make_pool(workers) as pool, tqdm(total=total, unit="run", desc="evaluate", disable=not show_progress,
-                                          mininterval=0.1 if sys.stderr.isatty() else 60.0) as bar:
-        ev = evaluate_policy(net, families, seeds=seeds, device=device, pool=pool, progress=bar.update)
+    pool = make_pool(workers)
+    try:
+        with _sigterm_as_keyboard_interrupt(), tqdm(total=total, unit="run", desc="evaluate", disable=not show_progress,
+                                                    mininterval=0.1 if sys.stderr.isatty() else 60.0) as bar:
+            ev = evaluate_policy(net, families, seeds=seeds, device=device, pool=pool, progress=bar.update)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the workers too (the queued runs are dropped, not waited for)
+        click.echo(f"\ninterrupted: nothing written to {out}", err=True)
+        raise
+    finally:
+        pool.shutdown(cancel_futures=True)
     table = format_table(ev)
     click.echo(table)
     result = ev.to_dict()

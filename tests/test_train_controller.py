@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -246,6 +247,38 @@ def test_a_sigterm_during_the_final_validation_keeps_the_trained_steps(tmp_path)
     assert resumed.returncode == 0, output
     state = json.loads((out / "state.json").read_text())
     assert [e["step"] for e in state["evals"]] == [64] and (out / "policy.safetensors").exists()
+
+
+def test_a_sigterm_stops_evaluate_and_its_worker_processes(tmp_path):
+    """SIGTERM to evaluate alone (``timeout``, a job scheduler): it exits with a message, and no worker
+    process of its pool outlives it (they used to, holding ~0.5 GB each, until killed by hand)."""
+    args = [sys.executable, str(ROOT / "train_controller.py"), "evaluate", "--families", "diabetes_mlp", "--seeds",
+            "3", "--workers", "2", "--out", str(tmp_path / "eval")]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: the pool's workers join it
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:  # until the pool has started its workers
+            children = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            if len(children) >= 4:  # evaluate, the forkserver and its two workers (and the resource tracker)
+                break
+            time.sleep(0.2)
+        time.sleep(2.0)
+        assert proc.poll() is None, f"finished before the interrupt: {proc.stdout.read()}"
+        proc.send_signal(signal.SIGTERM)  # to evaluate only, not its group
+        output = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 1 and "interrupted: nothing written" in output, output
+        left = []
+        for _ in range(50):
+            left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            if not left:
+                break
+            time.sleep(0.2)
+        assert not left, f"processes outlived evaluate: {left}"
+        assert not (tmp_path / "eval" / "evaluation.json").exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_unreachable_server_is_reported_before_any_work(tmp_path):
