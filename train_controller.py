@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -66,6 +67,7 @@ from envs.evaluation import (  # noqa: E402
     RunRecord,
     evaluate_policy,
     evaluation_tasks,
+    exit_with,
     geomean,
     make_pool,
     n_jobs,
@@ -336,7 +338,15 @@ def make_vec_env(cfg: TrainConfig) -> VecEnv:
     env_config = EnvConfig(families=cfg.families, device=cfg.device, budget_is_terminal=True)
 
     def subprocesses(fns: list[Any]) -> VecEnv:
-        return SubprocVecEnv(fns, start_method="forkserver") if len(fns) > 1 else DummyVecEnv(fns)
+        if len(fns) <= 1:
+            return DummyVecEnv(fns)
+        parent = os.getpid()
+
+        def in_worker(make: Any) -> Any:  # runs in the env's subprocess: it ends with this process, even a killed one
+            exit_with(parent)
+            return make()
+
+        return SubprocVecEnv([functools.partial(in_worker, fn) for fn in fns], start_method="forkserver")
 
     return batched_vec_env(cfg.families, cfg.n_envs, env_config, seed=cfg.seed, vec_env_cls=subprocesses)
 

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import math
 import os
+import select
+import threading
+import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -183,11 +186,44 @@ def _job(args: tuple[TaskConfig, str, PolicyNet | None, int, float, str]) -> Run
     return run_schedule(task, schedule, policy, seed_index=seed_index, multiplier=multiplier, device=device)
 
 
+def exit_with(parent_pid: int) -> None:
+    """In a worker process: end it as soon as process ``parent_pid`` ends, however that ends.
+
+    A worker started through the forkserver is the forkserver's child, and both outlive a parent that
+    was killed (SIGKILL, the OOM killer): a pool worker waits on its job queue forever, holding its
+    memory. A daemon thread here waits for the parent's exit (a pidfd where Linux has one, else a
+    check every second) and then exits the process at once.
+    """
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(parent_pid)  # readable once the process has exited (zombie included)
+        except ProcessLookupError:
+            os._exit(1)
+        except (AttributeError, OSError):  # no pidfd on this platform or kernel: poll
+            while True:
+                time.sleep(1.0)
+                try:
+                    os.kill(parent_pid, 0)
+                except ProcessLookupError:
+                    os._exit(1)
+                except PermissionError:  # alive, or its pid reused by another user's process
+                    pass
+        select.select([fd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, name=f"exit-with-{parent_pid}", daemon=True).start()
+
+
 def make_pool(workers: int | None = None) -> ProcessPoolExecutor:
-    """A process pool for evaluation jobs (one torch thread each; ``workers`` defaults to the CPU count)."""
+    """A process pool for evaluation jobs (one torch thread each; ``workers`` defaults to the CPU count).
+
+    Its workers end with the process that made the pool (:func:`exit_with`), even when that one is killed.
+    """
     import multiprocessing as mp
 
-    return ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1, mp_context=mp.get_context("forkserver"))
+    return ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1, mp_context=mp.get_context("forkserver"),
+                               initializer=exit_with, initargs=(os.getpid(),))
 
 
 def run_jobs(

@@ -281,6 +281,39 @@ def test_a_sigterm_stops_evaluate_and_its_worker_processes(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_no_worker_process_outlives_a_killed_train(tmp_path):
+    """SIGKILL (or the OOM killer) gives train no chance to stop its subprocess envs and validation pool:
+    they end by themselves (they used to wait forever on their queues, ~0.5 GB each)."""
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "train_controller.py"), "train", "--families", "mnist1d_gru", "--n-envs", "2",
+            "--n-steps", "32", "--batch-size", "32", "--n-epochs", "1", "--net-arch", "16", "--eval-every", "64",
+            "--eval-families", "diabetes_mlp", "--timesteps", "100000", "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its own process group: every process it starts joins it
+
+    def group() -> list[str]:
+        return subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:  # until a validation has used the pool
+            if (out / "state.json").exists() and json.loads((out / "state.json").read_text())["evals"]:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "train ended before the kill"
+        assert len(group()) >= 5, group()  # train, resource tracker, forkserver, two envs (and the pool's workers)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for _ in range(50):
+            if not (left := group()):
+                break
+            time.sleep(0.2)
+        assert not left, f"processes outlived the killed train: {left}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_unreachable_server_is_reported_before_any_work(tmp_path):
     port = free_port()
     result = CliRunner().invoke(tc.cli, ["train", "--timesteps", "64", "--out", str(tmp_path / "run"),
