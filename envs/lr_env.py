@@ -24,7 +24,7 @@ class EnvConfig:
     """How episodes are drawn and scored."""
 
     families: tuple[str, ...] = TRAIN_FAMILIES
-    """Task families episodes are drawn from (uniformly)."""
+    """Task families episodes are drawn from (uniformly); one name alone is read as a one-family tuple."""
     device: str = "auto"
     """"auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"."""
     num_threads: int | None = 1
@@ -45,6 +45,9 @@ class EnvConfig:
     (a reference run per episode, twice the compute): the return becomes ln(cosine's final val / the policy's)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.families, str):  # one family by name (not its letters); a list becomes a tuple
+            object.__setattr__(self, "families", (self.families,))
+        object.__setattr__(self, "families", tuple(self.families))
         if not self.families:
             raise ValueError("EnvConfig.families is empty")
         for name in self.families:

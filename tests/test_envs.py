@@ -167,6 +167,12 @@ def test_bad_reset_options_and_config_are_refused():
         env.reset(seed=0, options={"famliy": "digits_mlp"})
     with pytest.raises(ValueError, match="unknown task family"):
         EnvConfig(families=("not_a_family",))
+    with pytest.raises(ValueError, match="families is empty"):
+        EnvConfig(families=[])
+    # one name alone is that family, not its letters; a list is kept as a (hashable) tuple
+    assert EnvConfig(families="digits_mlp").families == ("digits_mlp",)  # type: ignore[arg-type]
+    pair = EnvConfig(families=["digits_mlp", "wine_mlp"])  # type: ignore[arg-type]
+    assert pair.families == ("digits_mlp", "wine_mlp")
 
 
 def test_budget_is_terminal_for_rl_training():
