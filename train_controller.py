@@ -745,7 +745,7 @@ def cli() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=_D.out, help="Output directory (checkpoints, state, exported policy).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI, e.g. http://127.0.0.1:5000. Default: sqlite:///./mlflow.db (no server).")
 @click.option("--experiment", default=_D.experiment, help="MLflow experiment name.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same MLflow run, step counter continued).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same MLflow run, step counter continued) with its saved options: only --timesteps and --device may change.")
 @click.option("--n-steps", type=click.IntRange(min=1), default=_D.n_steps, help="PPO rollout length per env.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=_D.batch_size, help="PPO minibatch size.")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=_D.learning_rate, help="PPO learning rate.")
@@ -759,20 +759,49 @@ def cli() -> None:
 @click.option("--device", default=_D.device, help='Device of the inner runs: cpu, cuda, cuda:N, or "auto" (CUDA when available).')
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_command(resume: bool, no_progress: bool, out: Path, **kwargs: Any) -> None:
-    """Train a controller with PPO over the train families and export the best policy to OUT/policy.safetensors."""
-    if resume:
-        state_path = out / STATE_FILE
-        if not state_path.exists():
-            raise click.ClickException(f"--resume: no run to resume in {out} (no {STATE_FILE})")
-        saved = json.loads(state_path.read_text())["config"]
-        saved["families"], saved["eval_families"] = tuple(saved["families"]), tuple(saved["eval_families"])
-        saved["net_arch"] = tuple(saved["net_arch"])
+    """Train a controller with PPO over the train families and export the best policy to OUT/policy.safetensors.
+
+    With --resume the run goes on with its saved configuration: only --timesteps (the new total) and --device (the
+    machine may differ) can change; any other option given with a value other than the saved one is refused.
+    """
     try:
-        cfg = (TrainConfig(**{**saved, "timesteps": kwargs["timesteps"], "out": str(out)}) if resume
-               else TrainConfig(out=str(out), **kwargs))
+        if resume:
+            state_path = out / STATE_FILE
+            if not state_path.exists():
+                raise click.ClickException(f"--resume: no run to resume in {out} (no {STATE_FILE})")
+            ctx = click.get_current_context()
+            given = {k for k in kwargs if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+            cfg = resume_config(json.loads(state_path.read_text())["config"], kwargs, given, out)
+        else:
+            cfg = TrainConfig(out=str(out), **kwargs)
     except ValueError as err:  # e.g. a resumed run's CUDA device on a machine without one
         raise click.UsageError(str(err)) from None
     train(cfg, resume=resume, show_progress=not no_progress)
+
+
+RESUME_OVERRIDES = ("timesteps", "device")
+"""The options a resumed run may change: the total to reach, and the device of the machine it now runs on."""
+
+
+def resume_config(saved: dict[str, Any], options: dict[str, Any], given: set[str], out: Path) -> TrainConfig:
+    """The configuration a resumed run goes on with: the saved one, with ``timesteps`` and, when given, ``device``
+    from ``options``.
+
+    Raises:
+        ValueError: an option in ``given`` (set on the command line) other than those has a value that differs
+            from the saved one: it would be silently ignored otherwise (the tracking URI and experiment name
+            included, which hold the run's MLflow record).
+    """
+    saved = dict(saved)
+    for key in ("families", "eval_families", "net_arch"):
+        saved[key] = tuple(saved[key])
+    differ = sorted(k for k in given - set(RESUME_OVERRIDES) if k in saved and options[k] != saved[k])
+    if differ:
+        shown = "; ".join(f"--{k.replace('_', '-')} (saved: {saved[k]!r}, given: {options[k]!r})" for k in differ)
+        raise ValueError(f"--resume continues the run in {out} with its saved configuration, and these options differ "
+                         f"from it: {shown}. Leave them out, or start a new run in another --out")
+    device = options["device"] if "device" in given else saved["device"]
+    return TrainConfig(**{**saved, "timesteps": options["timesteps"], "device": device, "out": str(out)})
 
 
 @cli.command("export")

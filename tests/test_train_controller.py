@@ -314,6 +314,29 @@ def test_no_worker_process_outlives_a_killed_train(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_resume_refuses_options_that_differ_from_the_saved_run_but_takes_a_new_device(tmp_path):
+    """--resume goes on with the saved configuration: an option given with another value would be silently
+    ignored, so it is refused before any work; the device may change (the run moved to another machine)."""
+    import dataclasses
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = dataclasses.asdict(tc.TrainConfig(out=str(run), seed=3))
+    saved["device"] = "cuda:99"  # trained on a machine with more GPUs than this one has
+    (run / tc.STATE_FILE).write_text(json.dumps({"config": saved, "checkpoint": None}))
+    runner = CliRunner()
+    result = runner.invoke(tc.cli, ["train", "--resume", "--out", str(run), "--families", "digits_mlp", "--seed", "3",
+                                    "--tracking-uri", "http://127.0.0.1:1"])
+    assert result.exit_code == 2, result.output
+    assert "--families (saved:" in result.output and "--tracking-uri (saved: None" in result.output
+    assert "--seed" not in result.output  # given, but the saved value
+    result = runner.invoke(tc.cli, ["train", "--resume", "--out", str(run)])
+    assert result.exit_code == 2 and "'cuda:99' is not available" in result.output
+    options = {**saved, "timesteps": 500, "device": "cpu"}
+    cfg = tc.resume_config(saved, options, {"timesteps", "device", "seed"}, run)
+    assert (cfg.timesteps, cfg.device, cfg.seed, cfg.families) == (500, "cpu", 3, tc.TRAIN_FAMILIES)
+
+
 def test_unreachable_server_is_reported_before_any_work(tmp_path):
     port = free_port()
     result = CliRunner().invoke(tc.cli, ["train", "--timesteps", "64", "--out", str(tmp_path / "run"),
