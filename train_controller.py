@@ -784,8 +784,8 @@ RESUME_OVERRIDES = ("timesteps", "device")
 
 
 def resume_config(saved: dict[str, Any], options: dict[str, Any], given: set[str], out: Path) -> TrainConfig:
-    """The configuration a resumed run goes on with: the saved one, with ``timesteps`` and, when given, ``device``
-    from ``options``.
+    """The configuration a resumed run goes on with: the saved one, with ``timesteps`` and ``device`` from
+    ``options`` where ``given`` names them.
 
     Raises:
         ValueError: an option in ``given`` (set on the command line) other than those has a value that differs
@@ -800,8 +800,8 @@ def resume_config(saved: dict[str, Any], options: dict[str, Any], given: set[str
         shown = "; ".join(f"--{k.replace('_', '-')} (saved: {saved[k]!r}, given: {options[k]!r})" for k in differ)
         raise ValueError(f"--resume continues the run in {out} with its saved configuration, and these options differ "
                          f"from it: {shown}. Leave them out, or start a new run in another --out")
-    device = options["device"] if "device" in given else saved["device"]
-    return TrainConfig(**{**saved, "timesteps": options["timesteps"], "device": device, "out": str(out)})
+    changed = {k: options[k] for k in RESUME_OVERRIDES if k in given}  # else the saved total: not the default's
+    return TrainConfig(**{**saved, **changed, "out": str(out)})
 
 
 @cli.command("export")

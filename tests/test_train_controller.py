@@ -335,6 +335,9 @@ def test_resume_refuses_options_that_differ_from_the_saved_run_but_takes_a_new_d
     options = {**saved, "timesteps": 500, "device": "cpu"}
     cfg = tc.resume_config(saved, options, {"timesteps", "device", "seed"}, run)
     assert (cfg.timesteps, cfg.device, cfg.seed, cfg.families) == (500, "cpu", 3, tc.TRAIN_FAMILIES)
+    # no --timesteps: the saved total (the resume command an interrupt prints has none), not the option's default
+    cfg = tc.resume_config({**saved, "timesteps": 384}, options, {"device"}, run)
+    assert (cfg.timesteps, cfg.device) == (384, "cpu")
 
 
 def test_unreachable_server_is_reported_before_any_work(tmp_path):
