@@ -184,3 +184,26 @@ def test_budget_is_terminal_for_rl_training():
         assert not truncated
         done = terminated
     assert info["epoch"] == env.episode.task.epochs and not info["diverged"]
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
+def test_exit_with_ends_a_worker_when_its_parent_ends(pidfd):
+    """``exit_with`` ends the calling process once the watched one has exited, through a pidfd or, where
+    the platform has none, by polling; while the watched process lives, the worker lives."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    parent = subprocess.Popen(["sleep", "2"])
+    code = (f"import os, time\nif not {pidfd}:\n    del os.pidfd_open\n"
+            f"from envs.evaluation import exit_with\nexit_with({parent.pid})\ntime.sleep(60)\n")
+    worker = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent)
+    try:
+        time.sleep(1.0)
+        assert worker.poll() is None, "the worker ended while the watched process was alive"
+        parent.wait()
+        worker.wait(timeout=10)  # within a second of the parent's exit (polling), at once with a pidfd
+        assert worker.returncode == 1
+    finally:
+        worker.kill()
