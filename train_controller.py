@@ -650,16 +650,16 @@ def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path
         device = str(resolve_device(device))
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--device") from None
-    uri = resolve_tracking_uri(tracking_uri)
-    check_tracking_uri(uri)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise click.ClickException(f"cannot create {out}: {err}") from None
     try:
         net = load_policy(policy)
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise click.ClickException(f"cannot create {out}: {err}") from None
+    uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(uri)  # last: a new sqlite store takes seconds to set up
     total = n_jobs(families, seeds, MULTIPLIERS, 1 + len(BASELINES))
     pool = make_pool(workers)
     try:
