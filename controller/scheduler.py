@@ -105,7 +105,8 @@ class PolicyScheduler(LRScheduler):
     A NaN or infinite ``metrics`` / ``train_loss`` does not reach the policy: the LR is multiplied by
     the policy's ``cut_factor`` (0.25 for the bundled policy), a warning is issued once, and training
     carries on. The LR is never set to NaN or 0. Losses must be positive (the features are log ratios
-    of losses): a negative one is warned about once, and so is a decision past ``total_epochs``.
+    of losses): a negative one is warned about once, and so are a decision past ``total_epochs`` and one with no
+    optimizer step since the previous decision.
 
     Args:
         optimizer: any ``torch.optim.Optimizer``, any number of param groups, on CPU or CUDA. Groups
@@ -188,6 +189,7 @@ class PolicyScheduler(LRScheduler):
         self._warned_nonfinite = False
         self._warned_negative = False
         self._warned_over_budget = False
+        self._warned_no_steps = False
         self.sync_ranks = sync_ranks
         self._hook = StepStatsHook(optimizer)
         super().__init__(optimizer, last_epoch)
@@ -302,9 +304,18 @@ class PolicyScheduler(LRScheduler):
             )
             self._warned_over_budget = True
         lr = float(self.optimizer.param_groups[0]["lr"])
+        stats = self._hook.collect()
+        if not stats.steps and not self._warned_no_steps:
+            warnings.warn(
+                f"PolicyScheduler decision {self.last_epoch} follows no optimizer step since the previous one, so the "
+                "policy decides without its gradient signals: call step(val_loss) once per epoch, after the epoch's "
+                "training, with the optimizer this scheduler was built on (warned once)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._warned_no_steps = True
         obs = self.features.observe(
-            epoch=self.last_epoch, lr=lr, train_loss=train, val_loss=val_loss, val_accuracy=accuracy,
-            stats=self._hook.collect(),
+            epoch=self.last_epoch, lr=lr, train_loss=train, val_loss=val_loss, val_accuracy=accuracy, stats=stats,
         )
         finite = math.isfinite(val_loss) and (train is None or math.isfinite(train))
         if (val_loss < 0 or (train is not None and train < 0)) and not self._warned_negative:

@@ -346,6 +346,7 @@ def test_state_dict_round_trip_mid_run_reproduces_decisions(tiny_mlp):
     assert len(sched.history) == 7 and sched.last_epoch == 7
 
 
+@pytest.mark.filterwarnings("ignore:PolicyScheduler decision .* follows no optimizer step:RuntimeWarning")  # no training
 def test_non_finite_losses_cut_the_lr_and_warn_once(tiny_mlp):
     model, _, _ = tiny_mlp
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -356,6 +357,7 @@ def test_non_finite_losses_cut_the_lr_and_warn_once(tiny_mlp):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * cut)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "PolicyScheduler decision .* follows no optimizer step")  # no training
         sched.step(1.0, train_loss=float("inf"))
         for _ in range(40):
             sched.step(torch.tensor(float("nan")))
@@ -365,6 +367,7 @@ def test_non_finite_losses_cut_the_lr_and_warn_once(tiny_mlp):
     assert sched.history[0]["action"] is None and sched.history[0]["cut"]
 
 
+@pytest.mark.filterwarnings("ignore:PolicyScheduler decision .* follows no optimizer step:RuntimeWarning")  # no training
 def test_negative_losses_are_warned_about_once(tiny_mlp):
     """The features are log ratios of losses: a negative loss (a Gaussian NLL, say) is named in a
     warning, once, and the run carries on with finite, positive LRs."""
@@ -373,16 +376,19 @@ def test_negative_losses_are_warned_about_once(tiny_mlp):
     sched = PolicyScheduler(opt, total_epochs=10, policy=random_policy(5))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "PolicyScheduler decision .* follows no optimizer step")  # no training
         sched.step(0.5, train_loss=0.4)
         sched.step(0.0, train_loss=0.0)  # a perfect fit is not negative
     with pytest.warns(RuntimeWarning, match=r"negative loss \(val -0.3, train 0.2\) at epoch 3"):
         sched.step(-0.3, train_loss=0.2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "PolicyScheduler decision .* follows no optimizer step")  # no training
         sched.step(0.3, train_loss=-0.2)
     assert all(math.isfinite(h["lr"]) and h["lr"] > 0 for h in sched.history)
 
 
+@pytest.mark.filterwarnings("ignore:PolicyScheduler decision .* follows no optimizer step:RuntimeWarning")  # no training
 def test_min_and_max_lr_clamps(tiny_mlp):
     model, _, _ = tiny_mlp
     up = PolicyNet(N_FEATURES, hidden=(4,))
@@ -404,6 +410,7 @@ def test_min_and_max_lr_clamps(tiny_mlp):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.004)
 
 
+@pytest.mark.filterwarnings("ignore:PolicyScheduler decision .* follows no optimizer step:RuntimeWarning")  # no training
 def test_bad_arguments_are_value_errors(tiny_mlp):
     model, _, _ = tiny_mlp
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -456,6 +463,7 @@ def test_default_policy_runs_in_a_plain_loop(tiny_mlp):
     assert set(sched.history[0]) >= {"epoch", "lr", "action", "obs", "train_loss", "val_loss"}
 
 
+@pytest.mark.filterwarnings("ignore:PolicyScheduler decision .* follows no optimizer step:RuntimeWarning")  # no training
 def test_decisions_past_the_epoch_budget_are_warned_about_once(tiny_mlp):
     """The policy never saw a run go past its budget: the decision after the last planned one is named
     in a warning, once; a budget raised with set_total_epochs is honoured."""
@@ -464,6 +472,7 @@ def test_decisions_past_the_epoch_budget_are_warned_about_once(tiny_mlp):
     sched = PolicyScheduler(opt, total_epochs=3, policy=random_policy(5))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "PolicyScheduler decision .* follows no optimizer step")  # no training
         for epoch in range(3):
             sched.step(1.0 - 0.1 * epoch, train_loss=1.0)
         sched.set_total_epochs(4)
@@ -472,5 +481,24 @@ def test_decisions_past_the_epoch_budget_are_warned_about_once(tiny_mlp):
         sched.step(0.5, train_loss=0.8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "PolicyScheduler decision .* follows no optimizer step")  # no training
         sched.step(0.4, train_loss=0.7)
     assert len(sched.history) == 6 and all(h["lr"] > 0 for h in sched.history)
+
+
+def test_a_decision_with_no_optimizer_step_since_the_last_is_warned_about_once(tiny_mlp):
+    """step(val_loss) before any training, or twice per epoch, or on a scheduler built on an optimizer the
+    training loop does not step: the policy would decide without its gradient signals. Named once."""
+    model, x, y = tiny_mlp
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = PolicyScheduler(opt, total_epochs=10, policy=random_policy(5))
+    with pytest.warns(RuntimeWarning, match="decision 1 follows no optimizer step since the previous one"):
+        sched.step(1.0, train_loss=1.0)  # evaluated before training
+    gen = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            train, val = _epoch(model, opt, x, y, gen)
+            sched.step(val, train_loss=train)
+        sched.step(val, train_loss=train)  # twice for one epoch: warned once already
+    assert sched.history[1]["obs"][FEATURE_NAMES.index("log10_steps")] > 0
