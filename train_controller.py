@@ -487,7 +487,11 @@ def _check_out_dir(out: Path, resume: bool) -> dict[str, Any] | None:
     if resume:
         if not state_path.exists():
             raise click.ClickException(f"--resume: no run to resume in {out} (no {STATE_FILE})")
-        return json.loads(state_path.read_text())
+        state = json.loads(state_path.read_text())
+        if state.get("checkpoint") and not (checkpoint := out / CHECKPOINT_DIR / state["checkpoint"]).is_file():
+            raise click.ClickException(f"--resume: {checkpoint}, the run's last checkpoint, is missing; restore it or "
+                                       "start a new run in another --out")
+        return state
     if state_path.exists():
         raise click.ClickException(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     return None

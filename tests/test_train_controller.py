@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -317,8 +318,6 @@ def test_no_worker_process_outlives_a_killed_train(tmp_path):
 def test_resume_refuses_options_that_differ_from_the_saved_run_but_takes_a_new_device(tmp_path):
     """--resume goes on with the saved configuration: an option given with another value would be silently
     ignored, so it is refused before any work; the device may change (the run moved to another machine)."""
-    import dataclasses
-
     run = tmp_path / "run"
     run.mkdir()
     saved = dataclasses.asdict(tc.TrainConfig(out=str(run), seed=3))
@@ -468,6 +467,10 @@ def test_commands_refuse_what_they_cannot_use_before_any_work(tmp_path):
     (run / tc.STATE_FILE).write_text(json.dumps({"checkpoint": None}))
     result = runner.invoke(tc.cli, ["export", str(run), str(tmp_path / "p.safetensors")])
     assert result.exit_code == 1 and "has no checkpoint yet" in result.output
+    config = dataclasses.asdict(tc.TrainConfig(out=str(run)))
+    (run / tc.STATE_FILE).write_text(json.dumps({"checkpoint": "step_000000064.zip", "config": config}))
+    result = runner.invoke(tc.cli, ["train", "--resume", "--out", str(run)])  # its checkpoint deleted since
+    assert result.exit_code == 1 and "step_000000064.zip, the run's last checkpoint, is missing" in result.output
     result = runner.invoke(tc.cli, ["evaluate", "--device", "cuda:99", "--out", str(tmp_path / "e")])
     assert result.exit_code == 2 and "'cuda:99' is not available" in result.output
     for command in ("train", "evaluate"):  # a URI MLflow cannot open: named before any work, no traceback
