@@ -33,6 +33,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -488,9 +489,18 @@ def _check_out_dir(out: Path, resume: bool) -> dict[str, Any] | None:
         if not state_path.exists():
             raise click.ClickException(f"--resume: no run to resume in {out} (no {STATE_FILE})")
         state = json.loads(state_path.read_text())
-        if state.get("checkpoint") and not (checkpoint := out / CHECKPOINT_DIR / state["checkpoint"]).is_file():
-            raise click.ClickException(f"--resume: {checkpoint}, the run's last checkpoint, is missing; restore it or "
-                                       "start a new run in another --out")
+        if state.get("checkpoint"):
+            checkpoint = out / CHECKPOINT_DIR / state["checkpoint"]
+            if not checkpoint.is_file():
+                raise click.ClickException(f"--resume: {checkpoint}, the run's last checkpoint, is missing; restore it "
+                                           "or start a new run in another --out")
+            if not zipfile.is_zipfile(checkpoint):
+                older = [p.name for p in sorted(checkpoint.parent.glob("step_*.zip")) if p != checkpoint]
+                raise click.ClickException(
+                    f"--resume: {checkpoint}, the run's last checkpoint, is not a readable zip (truncated?). "
+                    + (f"The one before it is {older[-1]}: point 'checkpoint' in {state_path} at it (and "
+                       "'num_timesteps' at its step) to resume from there." if older else "No earlier one is kept.")
+                )
         return state
     if state_path.exists():
         raise click.ClickException(f"{out} already holds a run; pass --resume to continue it, or choose another --out")

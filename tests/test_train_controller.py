@@ -471,6 +471,12 @@ def test_commands_refuse_what_they_cannot_use_before_any_work(tmp_path):
     (run / tc.STATE_FILE).write_text(json.dumps({"checkpoint": "step_000000064.zip", "config": config}))
     result = runner.invoke(tc.cli, ["train", "--resume", "--out", str(run)])  # its checkpoint deleted since
     assert result.exit_code == 1 and "step_000000064.zip, the run's last checkpoint, is missing" in result.output
+    (run / tc.CHECKPOINT_DIR).mkdir()
+    (run / tc.CHECKPOINT_DIR / "step_000000032.zip").write_bytes(b"")
+    (run / tc.CHECKPOINT_DIR / "step_000000064.zip").write_bytes(b"PK\x03\x04 cut short")  # a copy that died
+    result = runner.invoke(tc.cli, ["train", "--resume", "--out", str(run)])
+    assert result.exit_code == 1 and "is not a readable zip (truncated?). The one before it is step_000000032.zip" in (
+        result.output)
     result = runner.invoke(tc.cli, ["evaluate", "--device", "cuda:99", "--out", str(tmp_path / "e")])
     assert result.exit_code == 2 and "'cuda:99' is not available" in result.output
     for command in ("train", "evaluate"):  # a URI MLflow cannot open: named before any work, no traceback
