@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ def scheduler(tmp_path):
     optimizer = torch.optim.SGD(torch.nn.Linear(3, 1).parameters(), lr=0.1)
     scheduler = PolicyScheduler(optimizer, total_epochs=5, policy=policy)
     with pytest.warns(RuntimeWarning, match="non-finite"):
+        warnings.filterwarnings("ignore", "PolicyScheduler decision .* follows no optimizer step")  # no training
         for val in (1.0, 0.8, math.nan, 0.7, 0.65):
             scheduler.step(val, train_loss=None if val == 0.8 else 0.9 * val)
     return scheduler
