@@ -475,8 +475,30 @@ def _sigterm_as_keyboard_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def saved_run(out: Path) -> dict[str, Any]:
+    """The saved state of the run in OUT that ``--resume`` continues; refused before any work when there is no run
+    or its last checkpoint is missing or unreadable."""
+    state_path = out / STATE_FILE
+    if not state_path.exists():
+        raise click.ClickException(f"--resume: no run to resume in {out} (no {STATE_FILE})")
+    state: dict[str, Any] = json.loads(state_path.read_text())
+    if state.get("checkpoint"):
+        checkpoint = out / CHECKPOINT_DIR / state["checkpoint"]
+        if not checkpoint.is_file():
+            raise click.ClickException(f"--resume: {checkpoint}, the run's last checkpoint, is missing; restore it "
+                                       "or start a new run in another --out")
+        if not zipfile.is_zipfile(checkpoint):
+            older = [p.name for p in sorted(checkpoint.parent.glob("step_*.zip")) if p != checkpoint]
+            raise click.ClickException(
+                f"--resume: {checkpoint}, the run's last checkpoint, is not a readable zip (truncated?). "
+                + (f"The one before it is {older[-1]}: point 'checkpoint' in {state_path} at it (and "
+                   "'num_timesteps' at its step) to resume from there." if older else "No earlier one is kept.")
+            )
+    return state
+
+
 def _check_out_dir(out: Path, resume: bool) -> dict[str, Any] | None:
-    """Validate OUT before any work; return the saved state when resuming."""
+    """Validate OUT before any work; return the saved state when resuming (:func:`saved_run`)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -484,25 +506,9 @@ def _check_out_dir(out: Path, resume: bool) -> dict[str, Any] | None:
         probe.unlink()
     except OSError as err:
         raise click.ClickException(f"output directory {out} is not writable: {err}") from None
-    state_path = out / STATE_FILE
     if resume:
-        if not state_path.exists():
-            raise click.ClickException(f"--resume: no run to resume in {out} (no {STATE_FILE})")
-        state = json.loads(state_path.read_text())
-        if state.get("checkpoint"):
-            checkpoint = out / CHECKPOINT_DIR / state["checkpoint"]
-            if not checkpoint.is_file():
-                raise click.ClickException(f"--resume: {checkpoint}, the run's last checkpoint, is missing; restore it "
-                                           "or start a new run in another --out")
-            if not zipfile.is_zipfile(checkpoint):
-                older = [p.name for p in sorted(checkpoint.parent.glob("step_*.zip")) if p != checkpoint]
-                raise click.ClickException(
-                    f"--resume: {checkpoint}, the run's last checkpoint, is not a readable zip (truncated?). "
-                    + (f"The one before it is {older[-1]}: point 'checkpoint' in {state_path} at it (and "
-                       "'num_timesteps' at its step) to resume from there." if older else "No earlier one is kept.")
-                )
-        return state
-    if state_path.exists():
+        return saved_run(out)
+    if (out / STATE_FILE).exists():
         raise click.ClickException(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     return None
 
@@ -780,12 +786,9 @@ def train_command(resume: bool, no_progress: bool, out: Path, **kwargs: Any) -> 
     """
     try:
         if resume:
-            state_path = out / STATE_FILE
-            if not state_path.exists():
-                raise click.ClickException(f"--resume: no run to resume in {out} (no {STATE_FILE})")
             ctx = click.get_current_context()
             given = {k for k in kwargs if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
-            cfg = resume_config(json.loads(state_path.read_text())["config"], kwargs, given, out)
+            cfg = resume_config(saved_run(out)["config"], kwargs, given, out)
         else:
             cfg = TrainConfig(out=str(out), **kwargs)
     except ValueError as err:  # e.g. a resumed run's CUDA device on a machine without one
