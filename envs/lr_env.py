@@ -45,9 +45,9 @@ class EnvConfig:
     (a reference run per episode, twice the compute): the return becomes ln(cosine's final val / the policy's)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.families, str):  # one family by name (not its letters); a list becomes a tuple
-            object.__setattr__(self, "families", (self.families,))
-        object.__setattr__(self, "families", tuple(self.families))
+        # one family by name (not its letters); a list becomes a tuple
+        families = (self.families,) if isinstance(self.families, str) else tuple(self.families)
+        object.__setattr__(self, "families", families)
         if not self.families:
             raise ValueError("EnvConfig.families is empty")
         for name in self.families:
