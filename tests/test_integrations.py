@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------------------------------------------
 # Shared pieces
 
+no_training = pytest.mark.filterwarnings("ignore:PolicyScheduler decision .* follows no optimizer step:RuntimeWarning")
+"""For the tests that make decisions without training, on purpose: the scheduler warns that no optimizer step came
+before them."""
+
 
 @pytest.fixture
 def policy_path(tmp_path):
@@ -64,7 +68,7 @@ def _sgd(seed: int = 0) -> torch.optim.Optimizer:
     return torch.optim.SGD(torch.nn.Linear(4, 2).parameters(), lr=0.05)
 
 
-@pytest.mark.filterwarnings("ignore:PolicyScheduler decision .* follows no optimizer step:RuntimeWarning")  # no training
+@no_training
 def test_deferred_total_epochs_refuses_to_decide_until_set(policy_path):
     deferred = PolicyScheduler(_sgd(), total_epochs=None, policy=policy_path)
     explicit = PolicyScheduler(_sgd(), total_epochs=5, policy=policy_path)
@@ -84,7 +88,7 @@ def test_deferred_total_epochs_refuses_to_decide_until_set(policy_path):
         PolicyScheduler(_sgd(), total_epochs=0)
 
 
-@pytest.mark.filterwarnings("ignore:PolicyScheduler decision .* follows no optimizer step:RuntimeWarning")  # no training
+@no_training
 def test_observed_train_losses_reach_the_next_decision_as_a_weighted_mean(policy_path):
     fed = PolicyScheduler(_sgd(), total_epochs=4, policy=policy_path)
     given = PolicyScheduler(_sgd(), total_epochs=4, policy=policy_path)
@@ -106,7 +110,7 @@ def test_observed_train_losses_reach_the_next_decision_as_a_weighted_mean(policy
         fed.observe_train_loss(1.0, weight=0)
 
 
-@pytest.mark.filterwarnings("ignore:PolicyScheduler decision .* follows no optimizer step:RuntimeWarning")  # no training
+@no_training
 def test_state_with_deferred_total_and_pending_loss_reloads_with_weights_only(policy_path, tmp_path):
     a = PolicyScheduler(_sgd(), total_epochs=None, policy=policy_path)
     a.observe_train_loss(1.5, weight=2)
@@ -120,7 +124,7 @@ def test_state_with_deferred_total_and_pending_loss_reloads_with_weights_only(po
     assert a.history == b.history and a.get_last_lr() == b.get_last_lr()
 
 
-@pytest.mark.filterwarnings("ignore:PolicyScheduler decision .* follows no optimizer step:RuntimeWarning")  # no training
+@no_training
 def test_state_saved_before_pending_losses_existed_still_loads(policy_path):
     a = PolicyScheduler(_sgd(), total_epochs=3, policy=policy_path)
     a.step(1.0, train_loss=1.1)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 
 import numpy as np
@@ -13,6 +15,21 @@ import torch
 
 from controller import FEATURE_NAMES, N_FEATURES, PolicyNet, PolicyScheduler
 from envs import EnvConfig, LRControlEnv, TorchRun, get_family, resolve_device
+
+
+NO_STEPS = "PolicyScheduler decision .* follows no optimizer step"
+"""The warning of a decision with no optimizer step since the last: the tests marked ``no_training`` decide without
+training on purpose."""
+no_training = pytest.mark.filterwarnings(f"ignore:{NO_STEPS}:RuntimeWarning")
+
+
+@contextlib.contextmanager
+def _no_other_warning() -> Iterator[None]:
+    """Any warning is an error inside, except :data:`NO_STEPS` (for tests that decide without training)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", NO_STEPS)
+        yield
 
 
 def random_policy(seed: int = 0, scale: float = 1.0) -> PolicyNet:
@@ -346,7 +363,7 @@ def test_state_dict_round_trip_mid_run_reproduces_decisions(tiny_mlp):
     assert len(sched.history) == 7 and sched.last_epoch == 7
 
 
-@pytest.mark.filterwarnings("ignore:PolicyScheduler decision .* follows no optimizer step:RuntimeWarning")  # no training
+@no_training
 def test_non_finite_losses_cut_the_lr_and_warn_once(tiny_mlp):
     model, _, _ = tiny_mlp
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -355,9 +372,7 @@ def test_non_finite_losses_cut_the_lr_and_warn_once(tiny_mlp):
     with pytest.warns(RuntimeWarning, match="non-finite loss"):
         sched.step(float("nan"), train_loss=1.0)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * cut)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warnings.filterwarnings("ignore", "PolicyScheduler decision .* follows no optimizer step")  # no training
+    with _no_other_warning():
         sched.step(1.0, train_loss=float("inf"))
         for _ in range(40):
             sched.step(torch.tensor(float("nan")))
@@ -367,28 +382,24 @@ def test_non_finite_losses_cut_the_lr_and_warn_once(tiny_mlp):
     assert sched.history[0]["action"] is None and sched.history[0]["cut"]
 
 
-@pytest.mark.filterwarnings("ignore:PolicyScheduler decision .* follows no optimizer step:RuntimeWarning")  # no training
+@no_training
 def test_negative_losses_are_warned_about_once(tiny_mlp):
     """The features are log ratios of losses: a negative loss (a Gaussian NLL, say) is named in a
     warning, once, and the run carries on with finite, positive LRs."""
     model, _, _ = tiny_mlp
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = PolicyScheduler(opt, total_epochs=10, policy=random_policy(5))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warnings.filterwarnings("ignore", "PolicyScheduler decision .* follows no optimizer step")  # no training
+    with _no_other_warning():
         sched.step(0.5, train_loss=0.4)
         sched.step(0.0, train_loss=0.0)  # a perfect fit is not negative
     with pytest.warns(RuntimeWarning, match=r"negative loss \(val -0.3, train 0.2\) at epoch 3"):
         sched.step(-0.3, train_loss=0.2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warnings.filterwarnings("ignore", "PolicyScheduler decision .* follows no optimizer step")  # no training
+    with _no_other_warning():
         sched.step(0.3, train_loss=-0.2)
     assert all(math.isfinite(h["lr"]) and h["lr"] > 0 for h in sched.history)
 
 
-@pytest.mark.filterwarnings("ignore:PolicyScheduler decision .* follows no optimizer step:RuntimeWarning")  # no training
+@no_training
 def test_min_and_max_lr_clamps(tiny_mlp):
     model, _, _ = tiny_mlp
     up = PolicyNet(N_FEATURES, hidden=(4,))
@@ -410,7 +421,7 @@ def test_min_and_max_lr_clamps(tiny_mlp):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.004)
 
 
-@pytest.mark.filterwarnings("ignore:PolicyScheduler decision .* follows no optimizer step:RuntimeWarning")  # no training
+@no_training
 def test_bad_arguments_are_value_errors(tiny_mlp):
     model, _, _ = tiny_mlp
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -463,25 +474,21 @@ def test_default_policy_runs_in_a_plain_loop(tiny_mlp):
     assert set(sched.history[0]) >= {"epoch", "lr", "action", "obs", "train_loss", "val_loss"}
 
 
-@pytest.mark.filterwarnings("ignore:PolicyScheduler decision .* follows no optimizer step:RuntimeWarning")  # no training
+@no_training
 def test_decisions_past_the_epoch_budget_are_warned_about_once(tiny_mlp):
     """The policy never saw a run go past its budget: the decision after the last planned one is named
     in a warning, once; a budget raised with set_total_epochs is honoured."""
     model, _, _ = tiny_mlp
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = PolicyScheduler(opt, total_epochs=3, policy=random_policy(5))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warnings.filterwarnings("ignore", "PolicyScheduler decision .* follows no optimizer step")  # no training
+    with _no_other_warning():
         for epoch in range(3):
             sched.step(1.0 - 0.1 * epoch, train_loss=1.0)
         sched.set_total_epochs(4)
         sched.step(0.6, train_loss=0.9)
     with pytest.warns(RuntimeWarning, match=r"decision 5 exceeds total_epochs=4"):
         sched.step(0.5, train_loss=0.8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warnings.filterwarnings("ignore", "PolicyScheduler decision .* follows no optimizer step")  # no training
+    with _no_other_warning():
         sched.step(0.4, train_loss=0.7)
     assert len(sched.history) == 6 and all(h["lr"] > 0 for h in sched.history)
 
