@@ -96,6 +96,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def _parse(path: Path) -> tuple[dict[str, Any], bytes]:
+    if path.is_dir():
+        raise _refuse(path, "it is a directory; give the .safetensors file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"policy file not found: {path}")
     data = path.read_bytes()
@@ -121,9 +123,14 @@ def _parse(path: Path) -> tuple[dict[str, Any], bytes]:
         raise _refuse(path, f"the safetensors header is not valid JSON ({err})") from None
     if not isinstance(header, dict):
         raise _refuse(path, "the safetensors header is not a JSON object")
-    raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    header_meta = header.get("__metadata__") or {}
+    if not isinstance(header_meta, dict):
+        raise _refuse(path, "its safetensors '__metadata__' is not a JSON object")
+    raw = header_meta.get(METADATA_KEY)
     if raw is None:
         raise _refuse(path, f"a safetensors file without '{METADATA_KEY}' metadata (not written by save_policy)")
+    if not isinstance(raw, str):
+        raise _refuse(path, f"its '{METADATA_KEY}' metadata is not a JSON string")
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as err:
@@ -139,8 +146,10 @@ def _parse(path: Path) -> tuple[dict[str, Any], bytes]:
         )
     names = meta.get("feature_names")
     if names != list(FEATURE_NAMES):
-        missing = [n for n in FEATURE_NAMES if n not in (names or [])]
-        extra = [n for n in (names or []) if n not in FEATURE_NAMES]
+        if not isinstance(names, list):
+            raise _refuse(path, f"feature_names is {names!r}, not a list of names")
+        missing = [n for n in FEATURE_NAMES if n not in names]
+        extra = [n for n in names if n not in FEATURE_NAMES]
         raise _refuse(
             path,
             "it was trained on other features than this library computes "
@@ -157,11 +166,15 @@ def load_policy(path: str | Path | None = None) -> PolicyNet:
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: not a policy file written by :func:`save_policy` for these features — a pickle,
-            an SB3 zip, a truncated or corrupt file, or a newer format version.
+            an SB3 zip, a truncated or corrupt file (metadata of the wrong type or an impossible net
+            shape included), non-finite weights or a normalisation std <= 0, a newer format version,
+            or a directory.
     """
     path = default_policy_path() if path is None else Path(path)
     meta, data = _parse(path)
     try:
+        if not isinstance(meta["action_map"], dict) or not isinstance(meta["net"], dict):
+            raise ValueError("'action_map' and 'net' must be JSON objects")
         action_config = ActionConfig.from_dict(meta["action_map"])
         shape = meta["net"]
         net = PolicyNet(
@@ -179,6 +192,8 @@ def load_policy(path: str | Path | None = None) -> PolicyNet:
         raise _refuse(path, f"weights do not match the declared net shape ({err})") from None
     if not all(torch.isfinite(t).all() for t in net.state_dict().values()):
         raise _refuse(path, "it contains non-finite weights")
+    if not (net.obs_std > 0).all():
+        raise _refuse(path, "its observation normalisation has a standard deviation <= 0 (every action would be NaN)")
     net.metadata = meta
     net.action_config = action_config
     return net.eval()

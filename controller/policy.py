@@ -7,6 +7,8 @@ any observation normalisation folded in. It needs torch only.
 
 from __future__ import annotations
 
+import math
+import operator
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,16 @@ from torch import Tensor, nn
 from controller.actions import ActionConfig
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def _positive_int(value: Any) -> bool:
+    """An int (or an integer type such as numpy's) >= 1; not a bool, not a float."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return operator.index(value) >= 1
+    except TypeError:
+        return False
 
 
 class PolicyNet(nn.Module):
@@ -49,6 +61,12 @@ class PolicyNet(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if not _positive_int(n_features):
+            raise ValueError(f"n_features must be a positive int, got {n_features!r}")
+        if not all(_positive_int(h) for h in hidden):
+            raise ValueError(f"hidden layer widths must be positive ints, got {list(hidden)!r}")
+        if not (isinstance(obs_clip, (int, float)) and 0 < obs_clip < math.inf):
+            raise ValueError(f"obs_clip must be a positive finite number, got {obs_clip!r}")
         self.n_features = int(n_features)
         self.hidden = tuple(int(h) for h in hidden)
         self.activation = activation

@@ -198,6 +198,24 @@ def _declare_hidden(hidden: list[int]):
     return edit
 
 
+def _declare(**changes):
+    def edit(header):
+        meta = json.loads(header["__metadata__"][METADATA_KEY])
+        meta.update(changes)
+        header["__metadata__"][METADATA_KEY] = json.dumps(meta)
+        return header
+    return edit
+
+
+def _declare_net(**changes):
+    def edit(header):
+        meta = json.loads(header["__metadata__"][METADATA_KEY])
+        meta["net"].update(changes)
+        header["__metadata__"][METADATA_KEY] = json.dumps(meta)
+        return header
+    return edit
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -207,14 +225,35 @@ def _declare_hidden(hidden: list[int]):
         (_set_metadata(json.dumps({"format": "something-else", "format_version": 1})), "metadata format is"),
         (_set_metadata(json.dumps({"format": "lrcontrol-policy", "format_version": "1"})), "invalid format_version"),
         (_declare_hidden([16, 16]), "weights do not match the declared net shape"),
+        (_declare_hidden([-1, 8]), "hidden layer widths must be positive"),
+        (_declare_net(obs_clip=-1.0), "obs_clip must be a positive"),
+        (_declare_net(n_features="19"), "n_features must be a positive int"),
+        (_declare(action_map=[]), "must be JSON objects"),
+        (_declare(feature_names=5), "feature_names is 5, not a list"),
+        (lambda header: {**header, "__metadata__": [1]}, "'__metadata__' is not a JSON object"),
+        (lambda header: {**header, "__metadata__": {METADATA_KEY: 5}}, "metadata is not a JSON string"),
     ],
-    ids=["header-json", "header-list", "metadata-json", "format", "format-version", "shape"],
+    ids=["header-json", "header-list", "metadata-json", "format", "format-version", "shape", "negative-width",
+         "negative-clip", "string-features", "action-map-list", "feature-names-int", "metadata-list", "metadata-int"],
 )
 def test_corrupt_header_or_metadata_is_refused(tmp_path, edit, message):
     good = save_policy(tmp_path / "good.safetensors", make_net())
     load_policy(_with_header(good, tmp_path / "same.safetensors", lambda header: header))  # the rewrite is harmless
     with pytest.raises(ValueError, match=message):
         load_policy(_with_header(good, tmp_path / "bad.safetensors", edit))
+
+
+def test_zero_normalisation_std_is_refused(tmp_path):
+    net = make_net()
+    with torch.no_grad():
+        net.obs_std[3] = 0.0  # (obs - mean) / 0: every action would be NaN, read as "hold" without a word
+    with pytest.raises(ValueError, match="standard deviation <= 0"):
+        load_policy(save_policy(tmp_path / "std.safetensors", net))
+
+
+def test_directory_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="is a directory"):
+        load_policy(tmp_path)
 
 
 def test_non_finite_weights_are_refused(tmp_path):
