@@ -143,10 +143,21 @@ class TrainConfig:
             raise ValueError(f"n_envs must be positive, got {self.n_envs}")
         for name in (*self.families, *self.eval_families):
             get_family(name)
+        if not self.experiment.strip():
+            raise ValueError("experiment must name an MLflow experiment, got an empty name")
         check_device(self.device)  # a GPU this machine lacks is refused here, not inside the first inner run
         leaked = set(self.families) & set(VALIDATION_FAMILIES)
         if leaked:
             raise ValueError(f"validation families never train a policy; remove {sorted(leaked)} from families")
+        if selected_on_training := sorted(set(self.eval_families) & set(self.families)):
+            raise ValueError(f"eval_families select the policy on families it never trained on; {selected_on_training} "
+                             "are also in families")
+        for name, low, high in (("learning_rate", 0.0, math.inf), ("ent_coef", 0.0, math.inf), ("gamma", 0.0, 1.0),
+                                ("gae_lambda", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and low <= value <= high) or (name == "learning_rate" and value == 0):
+                raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}]"
+                                 f"{' and above 0' if name == 'learning_rate' else ''}, got {value}")
         reserved = set(self.families + self.eval_families) & set(TEST_FAMILIES)
         if reserved:
             raise ValueError(f"test families are for reporting only (`evaluate --families ...`), never to train or "
@@ -169,8 +180,50 @@ class TrainConfig:
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    """None → the embedded sqlite store ``sqlite:///<cwd>/mlflow.db`` (MLflow 3's default)."""
-    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """None → the embedded sqlite store ``sqlite:///<cwd>/mlflow.db`` (MLflow 3's default); a sqlite URI with a
+    relative path is made absolute, so that a run resumed from another directory finds its store."""
+    if not uri:
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    path = _sqlite_path(uri)
+    return f"sqlite:///{path.resolve()}" if path is not None and not path.is_absolute() else uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other URIs and in-memory databases)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def check_experiment(uri: str, name: str) -> None:
+    """Raise ``click.ClickException`` before any work if runs cannot be logged to experiment ``name`` at ``uri``:
+    an empty name, or an experiment deleted there (MLflow refuses it only when the run is set up)."""
+    if not name.strip():
+        raise click.ClickException("--experiment must name an MLflow experiment, got an empty name")
+    try:
+        experiment = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    except mlflow.exceptions.MlflowException as err:
+        raise click.ClickException(f"cannot use MLflow experiment {name!r} at {uri}: {err.message}") from None
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise click.ClickException(
+            f"MLflow experiment {name!r} is deleted in {uri}: restore it (`mlflow experiments restore "
+            f"--experiment-id {experiment.experiment_id}`) or choose another --experiment"
+        )
+
+
+def check_resumed_run(uri: str, run_id: str) -> None:
+    """Raise ``click.ClickException`` before any work if the MLflow run that ``--resume`` continues is not at
+    ``uri`` (a moved store, or another server)."""
+    hint = "pass --tracking-uri with where the run's store is now"
+    path = _sqlite_path(uri)
+    if path is not None and not path.is_file():  # checked first: opening it would create an empty store there
+        raise click.ClickException(f"--resume: the run's MLflow store {path} does not exist; {hint}")
+    check_tracking_uri(uri)
+    try:
+        mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise click.ClickException(f"--resume: MLflow run {run_id} is not in {uri}; {hint}") from None
 
 
 def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
@@ -481,7 +534,11 @@ def saved_run(out: Path) -> dict[str, Any]:
     state_path = out / STATE_FILE
     if not state_path.exists():
         raise click.ClickException(f"--resume: no run to resume in {out} (no {STATE_FILE})")
-    state: dict[str, Any] = json.loads(state_path.read_text())
+    try:
+        state: dict[str, Any] = json.loads(state_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise click.ClickException(f"--resume: {state_path} is not valid JSON ({err}); it holds the run's state, "
+                                   "so the run cannot be resumed until it is repaired") from None
     if state.get("checkpoint"):
         checkpoint = out / CHECKPOINT_DIR / state["checkpoint"]
         if not checkpoint.is_file():
@@ -517,14 +574,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
     """Train a controller; returns the path of the exported policy (``OUT/policy.safetensors``)."""
     out = Path(cfg.out)
     saved = _check_out_dir(out, resume)
-    uri = resolve_tracking_uri(cfg.tracking_uri)
-    check_tracking_uri(uri)
+    if saved is not None:
+        # the store the run was logged to, resolved when it started (not against this cwd), unless --tracking-uri
+        # gave a new place for it
+        moved = cfg.tracking_uri != saved["config"].get("tracking_uri")
+        uri = resolve_tracking_uri(cfg.tracking_uri) if moved else saved.get("tracking_uri") or resolve_tracking_uri(None)
+        check_resumed_run(uri, saved["mlflow_run_id"])
+    else:
+        uri = resolve_tracking_uri(cfg.tracking_uri)
+        check_tracking_uri(uri)
+        check_experiment(uri, cfg.experiment)
     torch.set_num_threads(1)
 
     mlflow.set_tracking_uri(uri)
     tracker = Tracker(out)
     if saved is not None:
         state = saved
+        if state.get("tracking_uri") != uri:  # the next resume looks there too
+            state["tracking_uri"] = uri
+            _atomic_write_json(out / STATE_FILE, state)
         run = mlflow.start_run(run_id=state["mlflow_run_id"])
     else:
         mlflow.set_experiment(cfg.experiment)
@@ -680,6 +748,7 @@ def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path
         raise click.ClickException(f"cannot create {out}: {err}") from None
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri)  # last: a new sqlite store takes seconds to set up
+    check_experiment(uri, experiment)  # a deleted one would fail only after all the runs
     total = n_jobs(families, seeds, MULTIPLIERS, 1 + len(BASELINES))
     pool = make_pool(workers)
     try:
@@ -765,7 +834,7 @@ def cli() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=_D.out, help="Output directory (checkpoints, state, exported policy).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI, e.g. http://127.0.0.1:5000. Default: sqlite:///./mlflow.db (no server).")
 @click.option("--experiment", default=_D.experiment, help="MLflow experiment name.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same MLflow run, step counter continued) with its saved options: only --timesteps and --device may change.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same MLflow run, step counter continued) with its saved options: only --timesteps, --device and --tracking-uri (where the run's store is now) may change.")
 @click.option("--n-steps", type=click.IntRange(min=1), default=_D.n_steps, help="PPO rollout length per env.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=_D.batch_size, help="PPO minibatch size.")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=_D.learning_rate, help="PPO learning rate.")
@@ -781,8 +850,9 @@ def cli() -> None:
 def train_command(resume: bool, no_progress: bool, out: Path, **kwargs: Any) -> None:
     """Train a controller with PPO over the train families and export the best policy to OUT/policy.safetensors.
 
-    With --resume the run goes on with its saved configuration: only --timesteps (the new total) and --device (the
-    machine may differ) can change; any other option given with a value other than the saved one is refused.
+    With --resume the run goes on with its saved configuration: only --timesteps (the new total), --device (the
+    machine may differ) and --tracking-uri (the run's MLflow store moved; the run must be there) can change; any
+    other option given with a value other than the saved one is refused.
     """
     try:
         if resume:
@@ -796,18 +866,19 @@ def train_command(resume: bool, no_progress: bool, out: Path, **kwargs: Any) -> 
     train(cfg, resume=resume, show_progress=not no_progress)
 
 
-RESUME_OVERRIDES = ("timesteps", "device")
-"""The options a resumed run may change: the total to reach, and the device of the machine it now runs on."""
+RESUME_OVERRIDES = ("timesteps", "device", "tracking_uri")
+"""The options a resumed run may change: the total to reach, the device of the machine it now runs on, and where
+its MLflow store now is (the run must be there)."""
 
 
 def resume_config(saved: dict[str, Any], options: dict[str, Any], given: set[str], out: Path) -> TrainConfig:
-    """The configuration a resumed run goes on with: the saved one, with ``timesteps`` and ``device`` from
+    """The configuration a resumed run goes on with: the saved one, with :data:`RESUME_OVERRIDES` from
     ``options`` where ``given`` names them.
 
     Raises:
         ValueError: an option in ``given`` (set on the command line) other than those has a value that differs
-            from the saved one: it would be silently ignored otherwise (the tracking URI and experiment name
-            included, which hold the run's MLflow record).
+            from the saved one: it would be silently ignored otherwise (the experiment name included: the run's
+            MLflow record stays where it is).
     """
     saved = dict(saved)
     for key in ("families", "eval_families", "net_arch"):

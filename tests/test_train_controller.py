@@ -15,6 +15,7 @@ import urllib.request
 import warnings
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -219,10 +220,28 @@ def test_an_interrupt_checkpoints_where_it_stops_and_resume_goes_on_from_there(t
     assert state["num_timesteps"] >= 64 and (out / "checkpoints" / state["checkpoint"]).exists()
     assert client.get_run(state["mlflow_run_id"]).info.status == "KILLED"
     target = state["num_timesteps"] + 64
-    resumed = _train_cli(["--resume", "--timesteps", str(target), "--out", str(out), "--no-progress"], tmp_path)
+    resume = ["--resume", "--timesteps", str(target), "--out", str(out), "--no-progress"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if signum == signal.SIGTERM:  # the store moved: the resume is refused until --tracking-uri says where it is now
+        store = elsewhere / "moved.db"
+        (tmp_path / "mlflow.db").rename(store)
+        refused = _train_cli(resume, elsewhere)
+        output = refused.communicate(timeout=120)[0]
+        assert refused.returncode == 1 and f"the run's MLflow store {tmp_path / 'mlflow.db'} does not exist" in output
+        assert not (tmp_path / "mlflow.db").exists()  # not recreated empty
+        resume += ["--tracking-uri", f"sqlite:///{store}"]
+    # from another directory: the run's store is the one it started with, not ./mlflow.db
+    resumed = _train_cli(resume, elsewhere)
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output
-    assert json.loads((out / "state.json").read_text())["num_timesteps"] == target
+    state = json.loads((out / "state.json").read_text())
+    assert state["num_timesteps"] == target
+    if signum == signal.SIGTERM:
+        assert state["tracking_uri"] == f"sqlite:///{store}"  # where the next resume looks
+    else:
+        assert not (elsewhere / "mlflow.db").exists()
+        assert client.get_run(state["mlflow_run_id"]).info.status == "FINISHED"
 
 
 def test_a_sigterm_during_the_final_validation_keeps_the_trained_steps(tmp_path):
@@ -317,7 +336,8 @@ def test_no_worker_process_outlives_a_killed_train(tmp_path):
 
 def test_resume_refuses_options_that_differ_from_the_saved_run_but_takes_a_new_device(tmp_path):
     """--resume goes on with the saved configuration: an option given with another value would be silently
-    ignored, so it is refused before any work; the device may change (the run moved to another machine)."""
+    ignored, so it is refused before any work; the device may change (the run moved to another machine), and so
+    may the tracking URI (its store moved: tested with a real run in the interrupt test)."""
     run = tmp_path / "run"
     run.mkdir()
     saved = dataclasses.asdict(tc.TrainConfig(out=str(run), seed=3))
@@ -325,9 +345,9 @@ def test_resume_refuses_options_that_differ_from_the_saved_run_but_takes_a_new_d
     (run / tc.STATE_FILE).write_text(json.dumps({"config": saved, "checkpoint": None}))
     runner = CliRunner()
     result = runner.invoke(tc.cli, ["train", "--resume", "--out", str(run), "--families", "digits_mlp", "--seed", "3",
-                                    "--tracking-uri", "http://127.0.0.1:1"])
+                                    "--experiment", "other"])
     assert result.exit_code == 2, result.output
-    assert "--families (saved:" in result.output and "--tracking-uri (saved: None" in result.output
+    assert "--families (saved:" in result.output and "--experiment (saved: 'lrcontrol', given: 'other')" in result.output
     assert "--seed" not in result.output  # given, but the saved value
     result = runner.invoke(tc.cli, ["train", "--resume", "--out", str(run)])
     assert result.exit_code == 2 and "'cuda:99' is not available" in result.output
@@ -385,6 +405,12 @@ def test_server_dropping_mid_run_keeps_training_and_says_what_was_lost(tmp_path)
         (["--device", "meta"], "device 'meta' is not supported"),
         (["--net-arch", "16,x"], "expected comma-separated layer sizes"),
         (["--batch-size", "4096", "--n-steps", "64", "--n-envs", "1"], "exceeds the rollout size"),
+        (["--learning-rate", "nan"], "learning_rate must be a finite number"),
+        (["--learning-rate", "inf"], "learning_rate must be a finite number"),
+        (["--ent-coef", "nan"], "ent_coef must be a finite number"),
+        (["--families", "breast_cancer_mlp,friedman_mlp", "--eval-families", "friedman_mlp"],
+         "['friedman_mlp'] are also in families"),
+        (["--experiment", " "], "experiment must name an MLflow experiment"),
     ],
 )
 def test_bad_cli_input_fails_before_work(tmp_path, args, message):
@@ -490,6 +516,38 @@ def test_commands_refuse_what_they_cannot_use_before_any_work(tmp_path):
                                     "--out", str(out), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
     assert result.exit_code == 1 and "looks like a Python pickle" in result.output
     assert not (out / "evaluation.json").exists()
+
+
+def test_a_deleted_experiment_is_refused_before_any_work(tmp_path):
+    """MLflow refuses a deleted experiment only when the run is set up: for evaluate, after all its runs."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.delete_experiment(client.create_experiment("gone"))
+    runner = CliRunner()
+    for command, written in (("train", tc.STATE_FILE), ("evaluate", "evaluation.json")):
+        out = tmp_path / command
+        result = runner.invoke(tc.cli, [command, "--experiment", "gone", "--tracking-uri", uri, "--out", str(out),
+                                        "--families", "breast_cancer_mlp" if command == "train" else "wine_mlp"])
+        assert result.exit_code == 1, result.output
+        assert f"MLflow experiment 'gone' is deleted in {uri}: restore it" in result.output
+        assert not (out / written).exists()
+
+
+def test_check_resumed_run_names_what_is_missing(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    with pytest.raises(click.ClickException, match="store .*nowhere.db does not exist"):
+        tc.check_resumed_run(f"sqlite:///{tmp_path / 'nowhere.db'}", "abc")
+    assert not (tmp_path / "nowhere.db").exists()
+    uri = f"sqlite:///{tmp_path / 'other.db'}"
+    MlflowClient(uri).search_experiments()  # a store that exists but never held the run
+    with pytest.raises(click.ClickException, match=f"MLflow run 0123abc is not in {uri}"):
+        tc.check_resumed_run(uri, "0123abc")
+    assert tc.resolve_tracking_uri("sqlite:///rel/m.db") == f"sqlite:///{Path.cwd() / 'rel' / 'm.db'}"
+    assert tc.resolve_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert tc.resolve_tracking_uri("http://h:1") == "http://h:1"
 
 
 def test_export_refuses_an_sb3_zip_carrying_a_pickle_payload_without_running_it(tmp_path):
