@@ -805,7 +805,10 @@ class LRControlVecEnv(VecEnv):
         return self._last_obs.copy()
 
     def step_async(self, actions: np.ndarray) -> None:
-        self._actions = np.asarray(actions, dtype=np.float64).reshape(self.num_envs, -1)[:, 0]
+        actions = np.asarray(actions, dtype=np.float64)
+        if actions.size != self.num_envs:
+            raise ValueError(f"expected one action a in [-1, 1] per slot ({self.num_envs}), got shape {actions.shape}")
+        self._actions = actions.reshape(self.num_envs)
 
     def step_wait(self) -> VecEnvStepReturn:
         if self._actions is None:
@@ -1015,7 +1018,7 @@ def make_vec_env(
     """
     if n_envs < 1:
         raise ValueError(f"n_envs must be >= 1, got {n_envs}")
-    families = tuple(families)
+    families = (families,) if isinstance(families, str) else tuple(families)  # one name, not its letters
     if not families:
         raise ValueError("families is empty")
     config = config or EnvConfig()

@@ -52,8 +52,13 @@ class EnvConfig:
             raise ValueError("EnvConfig.families is empty")
         for name in self.families:
             get_family(name)
-        if self.divergence_penalty < 0:
-            raise ValueError(f"divergence_penalty must be >= 0, got {self.divergence_penalty}")
+        if not (math.isfinite(self.divergence_penalty) and self.divergence_penalty >= 0):
+            raise ValueError(f"divergence_penalty must be a finite number >= 0, got {self.divergence_penalty}")
+        if self.lr_multiplier is not None and not (math.isfinite(self.lr_multiplier) and self.lr_multiplier > 0):
+            raise ValueError(f"lr_multiplier must be a positive finite number (or None), got {self.lr_multiplier}")
+        if self.num_threads is not None and (isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int)
+                                             or self.num_threads < 1):
+            raise ValueError(f"num_threads must be a positive int (or None), got {self.num_threads!r}")
         if not self.explode_ratio > 1:
             raise ValueError(f"explode_ratio must be > 1, got {self.explode_ratio}")
         if self.reward not in ("log_val", "vs_cosine"):
@@ -283,7 +288,13 @@ class LRControlEnv(gym.Env):
         if unknown:
             raise ValueError(f"unknown reset options {sorted(unknown)}; known: family, task, lr_multiplier")
         if "task" in options:
+            if set(options) - {"task"}:
+                raise ValueError(f"reset option 'task' fixes the whole task: {sorted(set(options) - {'task'})} "
+                                 "would be ignored; give it alone")
             return options["task"]
+        multiplier = options.get("lr_multiplier")
+        if multiplier is not None and not (isinstance(multiplier, (int, float)) and 0 < multiplier < math.inf):
+            raise ValueError(f"reset option lr_multiplier must be a positive finite number, got {multiplier!r}")
         name = options.get("family")
         if name is None:
             name = self.config.families[int(self.np_random.integers(len(self.config.families)))]

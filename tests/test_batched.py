@@ -362,6 +362,9 @@ def test_vec_env_api_and_refusals():
     losses = venv.env_method("test_loss")
     assert len(losses) == 2 and all(math.isfinite(loss) and acc is None for loss, acc in losses)
     assert venv.env_is_wrapped(VecMonitor) == [False, False]
+    with pytest.raises(ValueError, match=r"one action a in \[-1, 1\] per slot \(2\), got shape \(2, 2\)"):
+        venv.step(np.zeros((2, 2), dtype=np.float32))  # not its first column, silently
+    venv.step(np.zeros(2, dtype=np.float32))  # a flat vector is one action per slot too
     with pytest.raises(ValueError, match="all slots at once"):
         venv.set_attr("config", config, indices=[0])
     with pytest.raises(ValueError, match="not batchable"):
@@ -378,6 +381,8 @@ def test_vec_env_api_and_refusals():
 
 def test_make_vec_env_batches_what_it_can():
     config = EnvConfig()
+    one = make_vec_env("digits_mlp", 2, config, seed=0, monitor=False)  # one family by name, not its letters
+    assert one.get_attr("config")[0].families == ("digits_mlp",)
     batched = make_vec_env(("digits_mlp", "teacher_mlp"), 4, config, seed=0)
     assert isinstance(batched, VecMonitor) and isinstance(batched.unwrapped, LRControlVecEnv)
     plain = make_vec_env(("mnist1d_cnn",), 2, config, seed=0, monitor=False)

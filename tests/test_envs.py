@@ -169,6 +169,15 @@ def test_bad_reset_options_and_config_are_refused():
         EnvConfig(families=("not_a_family",))
     with pytest.raises(ValueError, match="families is empty"):
         EnvConfig(families=[])
+    for bad in ({"divergence_penalty": math.nan}, {"divergence_penalty": math.inf}, {"lr_multiplier": -1.0},
+                {"lr_multiplier": 0.0}, {"lr_multiplier": math.nan}, {"num_threads": 0}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):  # named, not torch's words later
+            EnvConfig(**bad)
+    with pytest.raises(ValueError, match="reset option lr_multiplier must be a positive finite number, got -1"):
+        env.reset(seed=0, options={"lr_multiplier": -1.0})
+    task = env.sample_task({"family": "digits_mlp"})
+    with pytest.raises(ValueError, match=r"'task' fixes the whole task: \['family'\] would be ignored"):
+        env.reset(seed=0, options={"task": task, "family": "wine_mlp"})
     # one name alone is that family, not its letters; a list is kept as a (hashable) tuple
     assert EnvConfig(families="digits_mlp").families == ("digits_mlp",)  # type: ignore[arg-type]
     pair = EnvConfig(families=["digits_mlp", "wine_mlp"])  # type: ignore[arg-type]
