@@ -704,12 +704,18 @@ def export(source: Path, out: Path) -> Path:
         zip_path = source / CHECKPOINT_DIR / state["checkpoint"]
     else:
         zip_path = source
+    if out.is_file() and zipfile.is_zipfile(out):  # the source itself, or another checkpoint: never overwritten
+        raise click.ClickException(f"{out} is a zip archive (an SB3 checkpoint?); exporting over it would lose it, "
+                                   "so choose another OUT (a .safetensors path)")
     try:
         net = read_sb3_zip(zip_path)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
-    return save_policy(out, net, action_config=EnvConfig().action,
-                       training={"exported_from": str(zip_path)}, description=f"exported from {zip_path.name}")
+    try:
+        return save_policy(out, net, action_config=EnvConfig().action,
+                           training={"exported_from": str(zip_path)}, description=f"exported from {zip_path.name}")
+    except OSError as err:
+        raise click.ClickException(f"cannot write {out}: {err}") from None
 
 
 def format_table(ev: Evaluation) -> str:

@@ -457,8 +457,16 @@ def test_export_matches_sb3_predict(tmp_path):
     live = policy_from_sb3(model.policy)
     model.save(tmp_path / "model.zip")
     from_zip = read_sb3_zip(tmp_path / "model.zip")
-    result = CliRunner().invoke(tc.cli, ["export", str(tmp_path / "model.zip"), str(tmp_path / "policy.safetensors")])
+    runner = CliRunner()
+    result = runner.invoke(tc.cli, ["export", str(tmp_path / "model.zip"), str(tmp_path / "policy.safetensors")])
     assert result.exit_code == 0, result.output
+    zip_bytes = (tmp_path / "model.zip").read_bytes()
+    result = runner.invoke(tc.cli, ["export", str(tmp_path / "model.zip"), str(tmp_path / "model.zip")])
+    assert result.exit_code == 1 and "exporting over it would lose it" in result.output
+    assert (tmp_path / "model.zip").read_bytes() == zip_bytes
+    (tmp_path / "afile").write_text("")
+    result = runner.invoke(tc.cli, ["export", str(tmp_path / "model.zip"), str(tmp_path / "afile" / "p.safetensors")])
+    assert result.exit_code == 1 and f"cannot write {tmp_path / 'afile' / 'p.safetensors'}" in result.output
     from_file = load_policy(tmp_path / "policy.safetensors")
     for net in (live, from_zip, from_file):
         got = net(torch.as_tensor(obs)).detach().numpy()
