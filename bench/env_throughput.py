@@ -49,7 +49,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from envs import FAMILIES, TRAIN_FAMILIES, EnvConfig, LRControlEnv, build_task, get_family  # noqa: E402
+from envs import FAMILIES, TRAIN_FAMILIES, EnvConfig, LRControlEnv, build_task, check_device, get_family  # noqa: E402
 from envs.batched import BatchConfig, LRControlVecEnv, is_batchable, make_vec_env  # noqa: E402
 
 LONG_BUDGET = 10_000
@@ -201,8 +201,22 @@ def main() -> None:
     parser.add_argument("--ppo-steps", type=int, default=4096, help="env steps of each PPO run (0: skip)")
     parser.add_argument("--ppo-envs", type=int, default=32, help="parallel envs of the PPO runs")
     args = parser.parse_args()
+    for name in ("steps", "threads", "ppo_envs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.ppo_steps < 0:
+        parser.error(f"--ppo-steps must be >= 0, got {args.ppo_steps}")
+    try:
+        ns = sorted({int(n) for n in args.batched_n.split(",") if n} | {32})
+        families = [f for f in args.families.split(",") if f]
+        for family in (*families, args.batched_family):
+            get_family(family)
+        check_device(args.device)  # before the per-family table: a missing GPU is named at once, not minutes later
+    except ValueError as err:
+        parser.error(str(err))
+    if ns[0] < 1:
+        parser.error(f"--batched-n takes positive sizes, got {args.batched_n!r}")
     torch.set_num_threads(args.threads)
-    families = [f for f in args.families.split(",") if f]
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.steps} steps\n")
     env_ms_all = []
     if families:
@@ -216,7 +230,6 @@ def main() -> None:
         env_ms_all.append(env_ms)
         print(f"{family:20s} {env_ms:12.2f} {n_train / env_ms * 1e3:11.0f} {naive_ms:15.2f} {naive_ms / env_ms:9.2f}x")
 
-    ns = sorted({int(n) for n in args.batched_n.split(",") if n} | {32})
     print(f"\nBatched ({args.batched_family} default task, device {args.device}): model-epochs per second")
     header = (f"{'N':>5s} {'batched':>10s} {'separate':>10s} {'naive':>8s} "
               f"{'batched/separate':>17s} {'batched/naive':>14s}")

@@ -89,10 +89,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=30, help="timed epochs per variant (interleaved)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args()
+    for name in ("epochs", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: unknown device {args.device!r}")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device: {args.device!r} is not available here (cpu, or cuda on a machine with a GPU)")
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(STEPS * BATCH, 784, generator=gen).to(device)
     y = torch.randint(0, 10, (STEPS * BATCH,), generator=gen).to(device)
