@@ -73,7 +73,7 @@ def _history_figure(history: Any, title: str | None = None) -> Any:
 
 
 def plot_history(history: Any, path: str | Path, *, title: str | None = None) -> Path:
-    """Write a PNG of the learning rate, the losses and the policy's actions over the epochs.
+    """Draw the learning rate, the losses and the policy's actions over the epochs to an image file.
 
     Top: the LR each epoch ran with (log scale), a dot at each decision, a red cross where the
     safety cut fired. Middle: the training and validation losses the scheduler received. Bottom:
@@ -82,14 +82,16 @@ def plot_history(history: Any, path: str | Path, *, title: str | None = None) ->
 
     Args:
         history: ``scheduler.history`` (a list of dicts), or the :class:`PolicyScheduler` itself.
-        path: where to write the PNG; parent directories are created.
+        path: where to write the image (``~`` expanded, parent directories created); its suffix picks the
+            format (``.png``, ``.pdf``, ``.svg``, …), PNG when it has none.
         title: an optional figure title.
 
     Returns:
         The path written.
 
     Raises:
-        ValueError: an empty history, or not a PolicyScheduler history.
+        ValueError: an empty history, not a PolicyScheduler history, a path that is a directory, or a suffix
+            matplotlib cannot write.
         ImportError: matplotlib is not installed.
 
     Example:
@@ -97,8 +99,14 @@ def plot_history(history: Any, path: str | Path, *, title: str | None = None) ->
         >>> plot_history(scheduler.history, "lr_history.png", title="digits MLP, AdamW")
         PosixPath('lr_history.png')
     """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a file path such as {path / 'lr_history.png'}")
     fig = _history_figure(history, title)
-    path = Path(path)
+    image_format = path.suffix[1:].lower() or "png"
+    supported = fig.canvas.get_supported_filetypes()
+    if image_format not in supported:
+        raise ValueError(f"cannot write a {path.suffix!r} image; use one of {', '.join('.' + k for k in sorted(supported))}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    fig.savefig(path, format=image_format)
     return path

@@ -57,6 +57,16 @@ def test_plotted_lr_is_the_lr_each_epoch_ran_with(scheduler):
     assert [bar.get_height() for bar in ax_act.patches] == [h["action"] or 0.0 for h in history]
 
 
+def test_plot_history_writes_the_format_its_suffix_names(scheduler, tmp_path):
+    assert plot_history(scheduler, tmp_path / "h.pdf").read_bytes()[:5] == b"%PDF-"  # not PNG bytes in a .pdf
+    assert b"<svg" in plot_history(scheduler, tmp_path / "h.svg").read_bytes()[:400]
+    assert plot_history(scheduler, tmp_path / "h").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # no suffix: PNG
+    with pytest.raises(ValueError, match=r"cannot write a '.xyz' image; use one of .*\.png"):
+        plot_history(scheduler, tmp_path / "h.xyz")
+    with pytest.raises(ValueError, match="is a directory"):
+        plot_history(scheduler, tmp_path)
+
+
 def test_plot_history_refuses_an_empty_history(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         plot_history([], tmp_path / "x.png")
