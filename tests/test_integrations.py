@@ -415,6 +415,25 @@ def test_hf_names_a_metric_the_evaluation_does_not_report(tmp_path, policy_path,
     assert scheduler.history == []
 
 
+def test_hf_reads_the_validation_loss_from_any_of_several_evaluation_sets(tmp_path, policy_path):
+    """eval_dataset={"a": ..., "b": ...}: the Trainer evaluates each set in turn, one on_evaluate call each."""
+    trainer, _, scheduler = _hf_trainer(tmp_path, policy_path, callback_kwargs={"metric": "eval_b_loss"},
+                                        num_train_epochs=2)
+    first = trainer.eval_dataset
+    x, y = _regression_data(32, seed=5)
+    trainer.eval_dataset = {"a": first, "b": _PairDataset(x, y)}
+    trainer.train()
+    logged = [e["eval_b_loss"] for e in trainer.state.log_history if "eval_b_loss" in e]
+    assert len(logged) == 2 and [h["val_loss"] for h in scheduler.history] == pytest.approx(logged)
+    trainer, _, scheduler = _hf_trainer(tmp_path / "c", policy_path, callback_kwargs={"metric": "eval_c_loss"},
+                                        num_train_epochs=2)
+    trainer.eval_dataset = {"a": first, "b": _PairDataset(x, y)}
+    with pytest.raises(KeyError, match=r"metric='eval_c_loss'.* not among the evaluation metrics .*'eval_a_loss'.*"
+                                       r"'eval_b_loss'"):
+        trainer.train()
+    assert scheduler.history == []
+
+
 def test_hf_callback_refuses_another_scheduler(tmp_path, policy_path):
     trainer, _, _ = _hf_trainer(tmp_path, policy_path,
                                 scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4))

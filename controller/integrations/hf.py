@@ -104,6 +104,7 @@ class PolicySchedulerCallback(TrainerCallback):
         self._last_log_step = 0
         self._last_decision_step = 0
         self._warned_no_train_loss = False
+        self._unmatched: tuple[int, set[str]] = (0, set())  # step and metric names of evaluations without `metric`
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -157,10 +158,11 @@ class PolicySchedulerCallback(TrainerCallback):
             return
         metrics = metrics or {}
         if self.metric not in metrics:
-            raise KeyError(
-                f"PolicySchedulerCallback(metric={self.metric!r}) is not among the evaluation metrics "
-                f"{sorted(metrics)}; pass the name of your validation loss"
-            )
+            # eval_dataset={"a": ..., "b": ...} evaluates each set in turn, one call each: another set may carry it.
+            # None did if training goes on (or ends) without a decision at this step: _check_unmatched says so.
+            self._unmatched = (state.global_step, self._unmatched[1] | set(metrics))
+            return
+        self._unmatched = (0, set())
         accuracy = None
         if self.accuracy_metric is not None:
             if self.accuracy_metric not in metrics:
@@ -181,8 +183,24 @@ class PolicySchedulerCallback(TrainerCallback):
         self.scheduler.step(metrics[self.metric], val_accuracy=accuracy)
         self._last_decision_step = state.global_step
 
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._check_unmatched()
+
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._training = False
+        self._check_unmatched()
+
+    def _check_unmatched(self) -> None:
+        """Raise once the evaluations of a step are over and none of them reported ``metric``."""
+        step, names = self._unmatched
+        if names and step > self._last_decision_step:
+            self._unmatched = (0, set())
+            raise KeyError(
+                f"PolicySchedulerCallback(metric={self.metric!r}) is not among the evaluation metrics "
+                f"{sorted(names)}; pass the name of your validation loss"
+            )
 
