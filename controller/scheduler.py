@@ -27,6 +27,8 @@ def _as_float(value: Any, name: str) -> float | None:
         return value
     if value is None:
         return None
+    if isinstance(value, (str, bytes)) or type(value).__name__ in ("bool", "bool_"):  # float() takes "0.5", True, np.True_
+        raise ValueError(f"{name} must be a number, got {value!r}")
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
@@ -398,7 +400,22 @@ class PolicyScheduler(LRScheduler):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the next decision is the one the saved run would have made."""
+        """Restore a :meth:`state_dict`; the next decision is the one the saved run would have made.
+
+        Raises:
+            ValueError: another version, unknown or missing keys, or malformed parts; the scheduler is then
+                left as it was.
+        """
+        before = self.state_dict()
+        try:
+            self._load_state(state_dict)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            self._load_state(before)  # a refused state leaves the scheduler as it was
+            if isinstance(err, ValueError):
+                raise
+            raise ValueError(f"malformed PolicyScheduler state ({type(err).__name__}: {err})") from None
+
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
         version = state.pop("version", None)
         if version != _STATE_VERSION:
@@ -410,8 +427,11 @@ class PolicyScheduler(LRScheduler):
         }
         if unknown := sorted(set(state) - parts - plain):
             raise ValueError(f"unknown PolicyScheduler state keys {unknown}")
-        if missing := sorted(parts - set(state)):
+        optional = {"_pending_train_sum", "_pending_train_weight"}  # absent from states saved by earlier versions
+        if missing := sorted((parts | plain) - optional - set(state)):
             raise ValueError(f"PolicyScheduler state is missing {missing}")
+        if not isinstance(state["history"], list) or not all(isinstance(h, dict) for h in state["history"]):
+            raise ValueError("PolicyScheduler state 'history' must be a list of dicts")
         self.features.load_state_dict(state.pop("features"))
         self._hook.load_state_dict(state.pop("hook"))
         self.history = [dict(h) for h in state.pop("history")]

@@ -440,8 +440,11 @@ def test_bad_arguments_are_value_errors(tiny_mlp):
         with pytest.raises(ValueError, match="LR must be positive and finite"):
             PolicyScheduler(torch.optim.SGD(model.parameters(), lr=lr), total_epochs=5, policy=net)
     sched = PolicyScheduler(opt, total_epochs=5, policy=net)
-    with pytest.raises(ValueError, match="metrics must be a number"):
-        sched.step("low")
+    for bad in ("low", "0.5", True, np.True_):  # float() would take all but the first
+        with pytest.raises(ValueError, match="metrics must be a number"):
+            sched.step(bad)
+    with pytest.raises(ValueError, match="train_loss must be a number"):
+        sched.step(1.0, train_loss="1.1")
     with pytest.raises(ValueError, match="scalar"):
         sched.step(torch.ones(3))
     with pytest.raises(ValueError, match=r"val_accuracy must be a fraction in \[0, 1\], got 85.0 \(a percentage"):
@@ -456,7 +459,14 @@ def test_bad_arguments_are_value_errors(tiny_mlp):
         fresh.load_state_dict({**before, "typo": 1})
     with pytest.raises(ValueError, match=r"state is missing \['hook'\]"):
         fresh.load_state_dict({k: v for k, v in before.items() if k != "hook"})
+    with pytest.raises(ValueError, match=r"state is missing \['initial_lr', 'last_epoch'\]"):
+        fresh.load_state_dict({k: v for k, v in before.items() if k not in ("last_epoch", "initial_lr")})
+    with pytest.raises(ValueError, match="malformed PolicyScheduler state .*previous_steps"):
+        fresh.load_state_dict({**before, "hook": {"steps": 3}})  # after the features: they must not stay loaded
+    with pytest.raises(ValueError, match="'history' must be a list of dicts"):
+        fresh.load_state_dict({**before, "history": 5})
     assert fresh.history == [] and fresh.last_epoch == 0  # a refused state changed nothing
+    assert fresh.features.best_val is None and fresh.state_dict()["hook"]["steps"] == 0
     fresh.load_state_dict(before)
     assert fresh.state_dict() == before
 
