@@ -239,8 +239,9 @@ def test_lightning_refuses_configs_that_would_never_pass_the_val_loss(tmp_path, 
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"max_epochs": 2, "check_val_every_n_epoch": 2}, "validate every epoch"),
-     ({"max_epochs": -1, "max_steps": 8}, "takes its budget from Trainer\\(max_epochs=...\\), which is -1")],
-    ids=["validation-every-2-epochs", "no-epoch-budget"],
+     ({"max_epochs": -1, "max_steps": 8}, "takes its budget from Trainer\\(max_epochs=...\\), which is -1"),
+     ({"max_epochs": 2, "limit_val_batches": 0}, "this run never validates")],
+    ids=["validation-every-2-epochs", "no-epoch-budget", "no-validation"],
 )
 def test_lightning_refuses_trainers_it_cannot_decide_under(tmp_path, policy_path, kwargs, message):
     with pytest.raises(ValueError, match=message):

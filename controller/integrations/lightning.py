@@ -37,6 +37,7 @@ try:
     from pytorch_lightning.callbacks import Callback
     from pytorch_lightning.trainer.states import TrainerFn
     from pytorch_lightning.utilities.data import extract_batch_size
+    from pytorch_lightning.utilities.model_helpers import is_overridden
 except ImportError as err:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(
         "controller.integrations.lightning needs PyTorch Lightning (the pytorch_lightning package): "
@@ -214,6 +215,12 @@ def _find_scheduler(trainer: pl.Trainer) -> tuple[PolicyScheduler, str]:
         )
     scheduler, monitor = config.scheduler, config.monitor
     assert isinstance(scheduler, PolicyScheduler) and monitor is not None  # checked above; for mypy
+    if trainer.limit_val_batches == 0 or not is_overridden("validation_step", trainer.lightning_module):
+        raise ValueError(
+            "PolicyScheduler decides once per epoch from that epoch's validation loss, and this run never validates "
+            "(limit_val_batches=0, or no validation_step): define validation_step, pass val_dataloaders and "
+            "log the monitored loss"
+        )
     if trainer.check_val_every_n_epoch != 1:
         raise ValueError(
             "PolicyScheduler decides once per epoch from that epoch's validation loss: validate every epoch "
