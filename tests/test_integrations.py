@@ -211,7 +211,9 @@ def test_lightning_resume_continues_the_exact_lr_sequence(tmp_path, policy_path,
 
     full_lrs, full, _ = _lightning_run(tmp_path / "full", policy_path, max_epochs=4, total_epochs=4)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_on_train_epoch_end=save_on_train_epoch_end)
-    first_lrs, first, _ = _lightning_run(tmp_path / "a", policy_path, max_epochs=2, total_epochs=4, callbacks=[ckpt])
+    with pytest.warns(RuntimeWarning, match="plans 2 epochs"):  # stopped half-way on purpose
+        first_lrs, first, _ = _lightning_run(tmp_path / "a", policy_path, max_epochs=2, total_epochs=4,
+                                             callbacks=[ckpt])
     # Lightning saved before its scheduler step of epoch 2 and skips that step when it resumes: the
     # callback must make that decision, or everything after it is off by one decision.
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["lr_schedulers"][0]["last_epoch"] == 1
@@ -239,13 +241,23 @@ def test_lightning_refuses_configs_that_would_never_pass_the_val_loss(tmp_path, 
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"max_epochs": 2, "check_val_every_n_epoch": 2}, "validate every epoch"),
-     ({"max_epochs": -1, "max_steps": 8}, "takes its budget from Trainer\\(max_epochs=...\\), which is -1"),
+     ({"max_epochs": -1, "max_steps": -1}, "takes its budget from Trainer\\(max_epochs=...\\) or max_steps, which "
+      "are -1 and -1"),
      ({"max_epochs": 2, "limit_val_batches": 0}, "this run never validates")],
     ids=["validation-every-2-epochs", "no-epoch-budget", "no-validation"],
 )
 def test_lightning_refuses_trainers_it_cannot_decide_under(tmp_path, policy_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _lightning_run(tmp_path, policy_path, **kwargs)
+
+
+def test_lightning_plans_the_epochs_max_steps_leaves(tmp_path, policy_path):
+    """4 optimizer steps an epoch: max_steps=8 ends the run after 2 of max_epochs=10, and progress must say so."""
+    _, scheduler, _ = _lightning_run(tmp_path, policy_path, max_epochs=10, max_steps=8)
+    assert scheduler.total_epochs == 2 and len(scheduler.history) == 2
+    assert [h["obs"][FEATURE_NAMES.index("progress")] for h in scheduler.history] == [0.5, 1.0]
+    with pytest.warns(RuntimeWarning, match=r"total_epochs=10\) but the Trainer plans 2 epochs"):
+        _lightning_run(tmp_path / "explicit", policy_path, max_epochs=10, max_steps=8, total_epochs=10)
 
 
 def test_lightning_scheduler_config_checks_its_arguments(policy_path):

@@ -27,6 +27,8 @@ Requires ``pip install 'lrcontrol[lightning]'`` (the ``pytorch_lightning`` packa
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,7 +64,7 @@ def lr_scheduler_config(scheduler: PolicyScheduler, monitor: str = "val_loss") -
     Example:
         >>> def configure_optimizers(self):
         ...     optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3)
-        ...     scheduler = PolicyScheduler(optimizer, total_epochs=self.trainer.max_epochs)
+        ...     scheduler = PolicyScheduler(optimizer, total_epochs=None)   # None: the Trainer's plan
         ...     return {"optimizer": optimizer, "lr_scheduler": lr_scheduler_config(scheduler)}
     """
     if not isinstance(scheduler, PolicyScheduler):
@@ -90,7 +92,8 @@ class PolicySchedulerCallback(Callback):
     """Feeds a :class:`PolicyScheduler` what Lightning does not: the epoch's training loss.
 
     It also checks the scheduler config at the start of training, fills in ``total_epochs`` from
-    ``Trainer(max_epochs=...)`` when the scheduler was built with ``total_epochs=None``, and restores
+    ``Trainer(max_epochs=...)`` (fewer when ``max_steps`` ends the run sooner) when the scheduler was built
+    with ``total_epochs=None`` and warns when an explicit total differs from that plan, and restores
     the decision Lightning skips when resuming from an end-of-epoch checkpoint (see the module docs).
 
     The training loss of a batch is the ``loss`` that ``training_step`` returns (a tensor, or the
@@ -128,13 +131,23 @@ class PolicySchedulerCallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.scheduler, self._monitor = _find_scheduler(trainer)
+        planned = _planned_epochs(trainer)
         if self.scheduler.total_epochs_deferred:
-            if trainer.max_epochs is None or trainer.max_epochs < 1:
+            if planned is None:
                 raise ValueError(
-                    "PolicyScheduler(total_epochs=None) takes its budget from Trainer(max_epochs=...), which is "
-                    f"{trainer.max_epochs}; set max_epochs or build the scheduler with total_epochs=N"
+                    "PolicyScheduler(total_epochs=None) takes its budget from Trainer(max_epochs=...) or max_steps, "
+                    f"which are {trainer.max_epochs} and {trainer.max_steps}; set one or build the scheduler with "
+                    "total_epochs=N"
                 )
-            self.scheduler.set_total_epochs(trainer.max_epochs)
+            self.scheduler.set_total_epochs(planned)
+        elif planned is not None and self.scheduler.total_epochs != planned:
+            warnings.warn(
+                f"PolicyScheduler(total_epochs={self.scheduler.total_epochs}) but the Trainer plans {planned} epochs "
+                "(one decision each): the policy's progress feature will be off; pass total_epochs=None to use the "
+                "plan",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._first_epoch = True
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -193,6 +206,18 @@ class PolicySchedulerCallback(Callback):
         self._loss_sum = None if loss_sum is None else torch.tensor(float(loss_sum))
         self._loss_weight = float(state_dict["loss_weight"])
         self._pending = None if state_dict["pending"] is None else dict(state_dict["pending"])
+
+
+def _planned_epochs(trainer: pl.Trainer) -> int | None:
+    """The epochs the run will train: ``max_epochs``, or fewer when ``max_steps`` ends it sooner; None when neither
+    bounds it."""
+    epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 1 else None
+    batches = trainer.num_training_batches
+    if trainer.max_steps is not None and trainer.max_steps >= 0 and 0 < batches < math.inf:
+        steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        by_steps = max(1, math.ceil(trainer.max_steps / steps_per_epoch))
+        epochs = by_steps if epochs is None else min(epochs, by_steps)
+    return epochs
 
 
 def _find_scheduler(trainer: pl.Trainer) -> tuple[PolicyScheduler, str]:
