@@ -107,8 +107,9 @@ class PolicyScheduler(LRScheduler):
     A NaN or infinite ``metrics`` / ``train_loss`` does not reach the policy: the LR is multiplied by
     the policy's ``cut_factor`` (0.25 for the bundled policy), a warning is issued once, and training
     carries on. The LR is never set to NaN or 0. Losses must be positive (the features are log ratios
-    of losses): a negative one is warned about once, and so are a decision past ``total_epochs`` and one with no
-    optimizer step since the previous decision.
+    of losses): a negative one is warned about once, and so are a decision past ``total_epochs``, one with no
+    optimizer step since the previous decision, and metric-less ``step()`` calls while ``total_epochs`` is still
+    unset (a trainer without its callback).
 
     Args:
         optimizer: any ``torch.optim.Optimizer``, any number of param groups, on CPU or CUDA. Groups
@@ -192,6 +193,7 @@ class PolicyScheduler(LRScheduler):
         self._warned_negative = False
         self._warned_over_budget = False
         self._warned_no_steps = False
+        self._warned_no_plan = False
         self.sync_ranks = sync_ranks
         self._hook = StepStatsHook(optimizer)
         super().__init__(optimizer, last_epoch)
@@ -274,6 +276,17 @@ class PolicyScheduler(LRScheduler):
         if val_loss is None:
             if self.last_epoch < 0:  # the base class's initial call
                 self.last_epoch = 0
+            elif self.total_epochs is None and not self._warned_no_plan:
+                warnings.warn(
+                    "PolicyScheduler(total_epochs=None).step() was called with no metric, and no budget has been "
+                    "set: it never decides this way. Under a trainer, add its callback, which sets the budget and "
+                    "passes the validation loss (controller.integrations.hf.PolicySchedulerCallback or "
+                    "controller.integrations.lightning.PolicySchedulerCallback); in your own loop, call "
+                    "step(val_loss, train_loss=...) once per epoch with total_epochs=N (warned once)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._warned_no_plan = True
             self._last_lr = self.get_lr()
             return
         if self.total_epochs is None:

@@ -72,7 +72,8 @@ def _sgd(seed: int = 0) -> torch.optim.Optimizer:
 def test_deferred_total_epochs_refuses_to_decide_until_set(policy_path):
     deferred = PolicyScheduler(_sgd(), total_epochs=None, policy=policy_path)
     explicit = PolicyScheduler(_sgd(), total_epochs=5, policy=policy_path)
-    deferred.step()  # what HF calls after every optimizer step: allowed, no decision
+    with pytest.warns(RuntimeWarning, match="add its callback"):  # no budget yet: a trainer without its callback?
+        deferred.step()  # what HF calls after every optimizer step: allowed, no decision
     with pytest.raises(RuntimeError, match="set_total_epochs"):
         deferred.step(1.0, train_loss=1.2)
     assert deferred.history == [] and deferred.last_epoch == 0
@@ -445,6 +446,19 @@ def test_hf_reads_the_validation_loss_from_any_of_several_evaluation_sets(tmp_pa
                                        r"'eval_b_loss'"):
         trainer.train()
     assert scheduler.history == []
+
+
+def test_hf_without_the_callback_warns_that_nothing_will_decide(tmp_path, policy_path):
+    transformers = pytest.importorskip("transformers", reason=HF_MISSING)
+    trainer, lrs, scheduler = _hf_trainer(tmp_path, policy_path, num_train_epochs=2)
+    trainer.callback_handler.callbacks = [c for c in trainer.callback_handler.callbacks
+                                          if type(c).__name__ != "PolicySchedulerCallback"]
+    assert not any(isinstance(c, transformers.TrainerCallback) and type(c).__name__ == "PolicySchedulerCallback"
+                   for c in trainer.callback_handler.callbacks)
+    with pytest.warns(RuntimeWarning, match="add its callback") as caught:
+        trainer.train()
+    assert len([w for w in caught if "add its callback" in str(w.message)]) == 1  # once, not at every step
+    assert scheduler.history == [] and set(lrs) == {0.05}
 
 
 def test_hf_callback_refuses_another_scheduler(tmp_path, policy_path):
