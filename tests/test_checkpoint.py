@@ -189,28 +189,12 @@ def _set_metadata(raw: str):
     return edit
 
 
-def _declare_hidden(hidden: list[int]):
-    def edit(header):
-        meta = json.loads(header["__metadata__"][METADATA_KEY])
-        meta["net"]["hidden"] = hidden
-        header["__metadata__"][METADATA_KEY] = json.dumps(meta)
-        return header
-    return edit
-
-
-def _declare(**changes):
+def _declare(net: dict | None = None, **changes):
+    """An edit of the policy metadata: top-level ``changes``, and ``net`` merged into its "net" entry."""
     def edit(header):
         meta = json.loads(header["__metadata__"][METADATA_KEY])
         meta.update(changes)
-        header["__metadata__"][METADATA_KEY] = json.dumps(meta)
-        return header
-    return edit
-
-
-def _declare_net(**changes):
-    def edit(header):
-        meta = json.loads(header["__metadata__"][METADATA_KEY])
-        meta["net"].update(changes)
+        meta["net"].update(net or {})
         header["__metadata__"][METADATA_KEY] = json.dumps(meta)
         return header
     return edit
@@ -224,10 +208,10 @@ def _declare_net(**changes):
         (_set_metadata("{not json"), "metadata is not valid JSON"),
         (_set_metadata(json.dumps({"format": "something-else", "format_version": 1})), "metadata format is"),
         (_set_metadata(json.dumps({"format": "lrcontrol-policy", "format_version": "1"})), "invalid format_version"),
-        (_declare_hidden([16, 16]), "weights do not match the declared net shape"),
-        (_declare_hidden([-1, 8]), "hidden layer widths must be positive"),
-        (_declare_net(obs_clip=-1.0), "obs_clip must be a positive"),
-        (_declare_net(n_features="19"), "n_features must be a positive int"),
+        (_declare(net={"hidden": [16, 16]}), "weights do not match the declared net shape"),
+        (_declare(net={"hidden": [-1, 8]}), "hidden layer widths must be positive"),
+        (_declare(net={"obs_clip": -1.0}), "obs_clip must be a positive"),
+        (_declare(net={"n_features": "19"}), "n_features must be a positive int"),
         (_declare(action_map=[]), "must be JSON objects"),
         (_declare(feature_names=5), "feature_names is 5, not a list"),
         (lambda header: {**header, "__metadata__": [1]}, "'__metadata__' is not a JSON object"),
