@@ -16,7 +16,7 @@ from controller.actions import ActionConfig, next_lr
 from controller.features import CLIP, N_FEATURES, FeatureBuilder
 from envs.evaluation import run_schedule
 from envs.inner import EpochResult, InnerRun, TorchRun
-from envs.tasks import TRAIN_FAMILIES, TaskConfig, get_family
+from envs.tasks import TRAIN_FAMILIES, TaskConfig, check_lr_multiplier, get_family
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,7 @@ class EnvConfig:
             get_family(name)
         if not (math.isfinite(self.divergence_penalty) and self.divergence_penalty >= 0):
             raise ValueError(f"divergence_penalty must be a finite number >= 0, got {self.divergence_penalty}")
-        if self.lr_multiplier is not None and not (math.isfinite(self.lr_multiplier) and self.lr_multiplier > 0):
-            raise ValueError(f"lr_multiplier must be a positive finite number (or None), got {self.lr_multiplier}")
+        check_lr_multiplier(self.lr_multiplier)  # here too: a bad one is named when the config is built
         if self.num_threads is not None and (isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int)
                                              or self.num_threads < 1):
             raise ValueError(f"num_threads must be a positive int (or None), got {self.num_threads!r}")
@@ -292,9 +291,6 @@ class LRControlEnv(gym.Env):
                 raise ValueError(f"reset option 'task' fixes the whole task: {sorted(set(options) - {'task'})} "
                                  "would be ignored; give it alone")
             return options["task"]
-        multiplier = options.get("lr_multiplier")
-        if multiplier is not None and not (isinstance(multiplier, (int, float)) and 0 < multiplier < math.inf):
-            raise ValueError(f"reset option lr_multiplier must be a positive finite number, got {multiplier!r}")
         name = options.get("family")
         if name is None:
             name = self.config.families[int(self.np_random.integers(len(self.config.families)))]

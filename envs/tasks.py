@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -372,6 +373,7 @@ class TaskFamily:
         The initial LR is ``default_lr(optimizer) × 10^u`` with u ~ U(-1.5, 1.5), or exactly
         ``default × lr_multiplier`` when one is given (evaluation protocols).
         """
+        check_lr_multiplier(lr_multiplier)
         optimizer = OPTIMIZERS[int(rng.integers(len(OPTIMIZERS)))]
         u = rng.uniform(-LR_DECADES / 2, LR_DECADES / 2)
         lr = self.default_lr(optimizer) * (10.0**u if lr_multiplier is None else lr_multiplier)
@@ -475,6 +477,13 @@ dataset under a model no family pairs it with (digits read row by row by a GRU),
 assert set(TRAIN_FAMILIES) | set(VALIDATION_FAMILIES) | set(TEST_FAMILIES) == set(FAMILIES)
 assert not set(TRAIN_FAMILIES) & set(VALIDATION_FAMILIES)
 assert not (set(TRAIN_FAMILIES) | set(VALIDATION_FAMILIES)) & set(TEST_FAMILIES)
+
+
+def check_lr_multiplier(value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is None or a positive finite number (a multiple of a default LR)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                              or not 0 < float(value) < math.inf):
+        raise ValueError(f"lr_multiplier must be a positive finite number (or None), got {value!r}")
 
 
 def get_family(name: str) -> TaskFamily:

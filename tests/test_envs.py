@@ -173,7 +173,7 @@ def test_bad_reset_options_and_config_are_refused():
                 {"lr_multiplier": 0.0}, {"lr_multiplier": math.nan}, {"num_threads": 0}):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be"):  # named, not torch's words later
             EnvConfig(**bad)
-    with pytest.raises(ValueError, match="reset option lr_multiplier must be a positive finite number, got -1"):
+    with pytest.raises(ValueError, match=r"lr_multiplier must be a positive finite number \(or None\), got -1"):
         env.reset(seed=0, options={"lr_multiplier": -1.0})
     task = env.sample_task({"family": "digits_mlp"})
     with pytest.raises(ValueError, match=r"'task' fixes the whole task: \['family'\] would be ignored"):
