@@ -29,7 +29,7 @@ def test_scheduler_overhead_prints_its_machine_readable_lines():
     [
         ("scheduler_overhead.py", ["--epochs", "0"], "--epochs must be >= 1"),
         ("scheduler_overhead.py", ["--device", "bogus"], "unknown device 'bogus'"),
-        ("scheduler_overhead.py", ["--device", "mps"], "'mps' is not available here"),
+        ("scheduler_overhead.py", ["--device", "mps"], "device 'mps' is not supported"),
         ("env_throughput.py", ["--steps", "0"], "--steps must be >= 1"),
         ("env_throughput.py", ["--batched-n", "0"], "--batched-n takes positive sizes"),
         ("env_throughput.py", ["--families", "nope"], "unknown task family 'nope'"),
