@@ -194,6 +194,8 @@ class PolicyScheduler(LRScheduler):
         self._warned_over_budget = False
         self._warned_no_steps = False
         self._warned_no_plan = False
+        self._needs_callback: str | None = None
+        """Set by a trainer integration whose callback feeds the training loss, until that callback attaches."""
         self.sync_ranks = sync_ranks
         self._hook = StepStatsHook(optimizer)
         super().__init__(optimizer, last_epoch)
@@ -299,6 +301,15 @@ class PolicyScheduler(LRScheduler):
         train = _as_float(train_loss, "train_loss")
         if train is None:
             train = self.pending_train_loss
+        if train is None and self._needs_callback is not None:
+            warnings.warn(
+                "PolicyScheduler is configured for a trainer (lr_scheduler_config) whose callback never attached, so "
+                "it decides with no training loss (and a resumed run loses a decision): add "
+                f"{self._needs_callback} (warned once)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._needs_callback = None
         self._pending_train_sum, self._pending_train_weight = 0.0, 0.0
         accuracy = _as_float(val_accuracy, "val_accuracy")
         if accuracy is not None and not 0.0 <= accuracy <= 1.0 and not math.isnan(accuracy):

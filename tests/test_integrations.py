@@ -144,7 +144,7 @@ LIGHTNING_STEPS_PER_EPOCH = 4  # 64 samples, batches of 16
 
 
 def _lightning_run(tmp_path, policy_path, *, max_epochs, total_epochs=None, ckpt_path=None, callbacks=(),
-                   scheduler_config=None, **trainer_kwargs):
+                   scheduler_config=None, with_callback=True, **trainer_kwargs):
     """Fit a tiny regression MLP; returns (per-step LRs, scheduler, module)."""
     pl = pytest.importorskip("pytorch_lightning", reason=LIGHTNING_MISSING)
     from torch.utils.data import DataLoader, TensorDataset
@@ -181,7 +181,8 @@ def _lightning_run(tmp_path, policy_path, *, max_epochs, total_epochs=None, ckpt
     val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=32)
     model = Regressor()
     trainer = pl.Trainer(
-        max_epochs=max_epochs, callbacks=[*callbacks, PolicySchedulerCallback()], default_root_dir=tmp_path,
+        max_epochs=max_epochs, callbacks=[*callbacks, *[PolicySchedulerCallback()] * with_callback],
+        default_root_dir=tmp_path,
         logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
         **trainer_kwargs,
     )
@@ -224,6 +225,37 @@ def test_lightning_resume_continues_the_exact_lr_sequence(tmp_path, policy_path,
     assert first_lrs + rest_lrs == full_lrs
     assert resumed.history == full.history
     assert resumed.get_last_lr() == full.get_last_lr()
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed", "ignore:Be aware that when using `ckpt_path`")
+def test_lightning_resume_from_an_epochs_last_batch_keeps_epochs_apart_and_warns(tmp_path, policy_path):
+    """A checkpoint saved at an epoch's last batch comes before that epoch's validation, which Lightning skips
+    on restart: that decision is lost (warned), but the next epoch's loss, optimizer steps and progress must
+    be its own, not mixed with the unvalidated epoch's."""
+    pytest.importorskip("pytorch_lightning", reason=LIGHTNING_MISSING)
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=LIGHTNING_STEPS_PER_EPOCH, save_top_k=-1)
+    with pytest.warns(RuntimeWarning, match="plans 1 epochs"):
+        _lightning_run(tmp_path / "a", policy_path, max_epochs=1, total_epochs=3, callbacks=[ckpt])
+    last_batch = tmp_path / "ckpt" / f"epoch=0-step={LIGHTNING_STEPS_PER_EPOCH}.ckpt"
+    with pytest.warns(RuntimeWarning, match="after epoch 0's last training batch and before its validation"):
+        lrs, resumed, model = _lightning_run(tmp_path / "b", policy_path, max_epochs=3, total_epochs=3,
+                                             ckpt_path=last_batch)
+    assert len(lrs) == 2 * LIGHTNING_STEPS_PER_EPOCH
+    assert [h["epoch"] for h in resumed.history] == [2, 3]  # epoch 1's decision is lost, its count is not
+    assert [h["obs"][FEATURE_NAMES.index("progress")] for h in resumed.history] == pytest.approx([2 / 3, 1.0])
+    steps = FEATURE_NAMES.index("log10_steps")
+    for epoch, h in enumerate(resumed.history):
+        batches = model.batch_losses[epoch * 4 : (epoch + 1) * 4]
+        assert h["train_loss"] == pytest.approx(sum(loss * n for loss, n in batches) / 64, rel=1e-6)
+        assert h["obs"][steps] == pytest.approx(np.log10(LIGHTNING_STEPS_PER_EPOCH) / 2)
+
+
+def test_lightning_without_its_callback_warns_that_decisions_lack_the_train_loss(tmp_path, policy_path):
+    with pytest.warns(RuntimeWarning, match="callback never attached.*PolicySchedulerCallback"):
+        _, scheduler, _ = _lightning_run(tmp_path, policy_path, max_epochs=2, total_epochs=2, with_callback=False)
+    assert [h["train_loss"] for h in scheduler.history] == [None, None]
 
 
 @pytest.mark.parametrize(

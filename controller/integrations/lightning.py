@@ -22,6 +22,11 @@ restarting). That decision would be lost and the resumed LR sequence would drift
 uninterrupted run's. The callback keeps the epoch's validation loss in its own checkpointed state and
 makes that one decision at the start of the first resumed epoch, from the same inputs.
 
+A checkpoint saved at step 1's last batch (``ModelCheckpoint(every_n_train_steps=...)``) comes before
+that epoch's validation, and Lightning, resuming from it, goes straight on to the next epoch: the epoch
+is never validated and its decision cannot be made. The callback tags its loss sum with the epoch, so it
+notices, warns, and keeps that epoch's loss and optimizer steps out of the next decision.
+
 Requires ``pip install 'lrcontrol[lightning]'`` (the ``pytorch_lightning`` package).
 """
 
@@ -71,6 +76,8 @@ def lr_scheduler_config(scheduler: PolicyScheduler, monitor: str = "val_loss") -
         raise TypeError(f"expected a PolicyScheduler, got {type(scheduler).__name__}")
     if not isinstance(monitor, str) or not monitor:
         raise ValueError(f"monitor must be the logged name of the validation loss, got {monitor!r}")
+    # Lightning steps this scheduler with the validation loss alone: the callback must feed the training loss
+    scheduler._needs_callback = "pytorch_lightning: callbacks=[controller.integrations.lightning.PolicySchedulerCallback()]"
     return {
         "scheduler": scheduler,
         "interval": "epoch",
@@ -94,7 +101,9 @@ class PolicySchedulerCallback(Callback):
     It also checks the scheduler config at the start of training, fills in ``total_epochs`` from
     ``Trainer(max_epochs=...)`` (fewer when ``max_steps`` ends the run sooner) when the scheduler was built
     with ``total_epochs=None`` and warns when an explicit total differs from that plan, and restores
-    the decision Lightning skips when resuming from an end-of-epoch checkpoint (see the module docs).
+    the decision Lightning skips when resuming from an end-of-epoch checkpoint (see the module docs). From a
+    checkpoint saved after an epoch's last batch but before its validation, that epoch's decision cannot be
+    made (Lightning never validates it): the callback warns and keeps that epoch's loss out of the next one's.
 
     The training loss of a batch is the ``loss`` that ``training_step`` returns (a tensor, or the
     ``"loss"`` entry of a dict), weighted by the batch size; it stays on the device until the epoch
@@ -125,6 +134,8 @@ class PolicySchedulerCallback(Callback):
         self._monitor = "val_loss"
         self._loss_sum: torch.Tensor | None = None
         self._loss_weight = 0.0
+        self._loss_epoch: int | None = None
+        """The epoch whose batches ``_loss_sum`` adds up."""
         self._pending: dict[str, Any] | None = None
         """The latest validation loss: ``{"epoch", "val_loss", "decisions"}`` (decisions made before it)."""
         self._first_epoch = False
@@ -148,7 +159,31 @@ class PolicySchedulerCallback(Callback):
                 RuntimeWarning,
                 stacklevel=2,
             )
+        self.scheduler._needs_callback = None
         self._first_epoch = True
+        if self._loss_sum is not None and self._loss_epoch is not None and self._loss_epoch != trainer.current_epoch:
+            self._drop_unvalidated_epoch(self._loss_epoch)
+
+    def _drop_unvalidated_epoch(self, epoch: int) -> None:
+        """Resumed from a checkpoint saved after ``epoch``'s last training batch but before its validation.
+
+        Lightning goes straight on to the next epoch then: ``epoch`` is never validated, so no decision is
+        made for it. Its training loss and optimizer-hook window are dropped rather than mixed into the next
+        epoch's, and the decision count moves on by one, so that later decisions see the progress of the
+        uninterrupted run.
+        """
+        assert self.scheduler is not None
+        warnings.warn(
+            f"resumed from a checkpoint saved after epoch {epoch}'s last training batch and before its validation "
+            "(ModelCheckpoint(every_n_train_steps=...), for example): Lightning does not validate that epoch on "
+            f"restart, so PolicyScheduler makes no decision for it and the LR sequence from here differs from an "
+            "uninterrupted run's. Checkpoints saved at the end of an epoch (ModelCheckpoint's default) resume exactly",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        self._loss_sum, self._loss_weight, self._loss_epoch = None, 0.0, None
+        self.scheduler._hook.collect()  # that epoch's optimizer steps, read by no decision
+        self.scheduler.last_epoch += 1  # the epoch was trained: progress counts it
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pending, self._pending = self._pending, None
@@ -174,7 +209,10 @@ class PolicySchedulerCallback(Callback):
         # Lightning hands out the loss divided by accumulate_grad_batches: undo that.
         n = _batch_size(batch)
         weighted = loss.detach().float().reshape(()) * (trainer.accumulate_grad_batches * n)
-        self._loss_sum = weighted if self._loss_sum is None else self._loss_sum + weighted
+        if self._loss_sum is None:
+            self._loss_sum, self._loss_epoch = weighted, trainer.current_epoch
+        else:
+            self._loss_sum = self._loss_sum + weighted
         self._loss_weight += n
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -191,13 +229,14 @@ class PolicySchedulerCallback(Callback):
         if self.scheduler is not None and self._loss_sum is not None and self._loss_weight > 0:
             # One record per epoch, so its weight is irrelevant: 1 keeps the mean bit-exact.
             self.scheduler.observe_train_loss(float(self._loss_sum) / self._loss_weight, weight=1.0)
-        self._loss_sum, self._loss_weight = None, 0.0
+        self._loss_sum, self._loss_weight, self._loss_epoch = None, 0.0, None
 
     def state_dict(self) -> dict[str, Any]:
-        """Primitives only: the epoch's loss so far and the latest validation loss."""
+        """Primitives only: the epoch's loss so far (and which epoch) and the latest validation loss."""
         return {
             "loss_sum": None if self._loss_sum is None else float(self._loss_sum),
             "loss_weight": self._loss_weight,
+            "loss_epoch": self._loss_epoch,
             "pending": None if self._pending is None else dict(self._pending),
         }
 
@@ -205,6 +244,7 @@ class PolicySchedulerCallback(Callback):
         loss_sum = state_dict["loss_sum"]
         self._loss_sum = None if loss_sum is None else torch.tensor(float(loss_sum))
         self._loss_weight = float(state_dict["loss_weight"])
+        self._loss_epoch = state_dict.get("loss_epoch")  # absent from checkpoints of earlier versions
         self._pending = None if state_dict["pending"] is None else dict(state_dict["pending"])
 
 
