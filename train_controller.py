@@ -32,7 +32,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -673,18 +672,11 @@ def _log_pyfunc(tracker: Tracker, policy_path: Path, name: str) -> None:
     code = Path(__file__).resolve().parent / "controller" / "integrations" / "mlflow_pyfunc.py"
     obs = np.zeros((2, len(FEATURE_NAMES)), dtype=np.float32)
     signature = infer_signature(obs, np.ones(2))
-    # MLflow advises type hints on predict() (we log a signature instead) under its own "once" filter, which no
-    # filter of ours outranks: record the warnings of the call and pass on all but that one.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tracker.call("model", lambda: mlflow.pyfunc.log_model(
-            name="policy_model", python_model=str(code), artifacts={"policy": str(policy_path)},
-            code_paths=[str(Path(__file__).resolve().parent / "controller")], signature=signature, input_example=obs,
-            pip_requirements=["torch", "numpy", "safetensors", "mlflow"], registered_model_name=name,
-        ))
-    for w in caught:
-        if "type hints to the `predict` method" not in str(w.message):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    tracker.call("model", lambda: mlflow.pyfunc.log_model(
+        name="policy_model", python_model=str(code), artifacts={"policy": str(policy_path)},
+        code_paths=[str(Path(__file__).resolve().parent / "controller")], signature=signature, input_example=obs,
+        pip_requirements=["torch", "numpy", "safetensors", "mlflow"], registered_model_name=name,
+    ))
 
 
 # ==================================================================================================

@@ -120,11 +120,19 @@ def test_train_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
     assert not (tmp_path / "run" / tc.UNLOGGED_FILE).exists()
 
     import mlflow.pyfunc
+    import pandas as pd
 
     mlflow.set_tracking_uri(mlflow_server.uri)
-    model = mlflow.pyfunc.load_model("models:/lrcontrol-policy/latest")
     obs = np.random.default_rng(0).uniform(-2, 2, (5, len(FEATURE_NAMES))).astype(np.float32)
-    factors = np.asarray(model.predict(obs))
+    with warnings.catch_warnings(record=True) as caught:  # what a user loading the registered model sees
+        warnings.simplefilter("always")
+        warnings.onceregistry.clear()
+        model = mlflow.pyfunc.load_model("models:/lrcontrol-policy/latest")
+        factors = np.asarray(model.predict(obs))
+        from_frame = np.asarray(model.predict(pd.DataFrame(obs, columns=list(FEATURE_NAMES))))
+    ours = [str(w.message) for w in caught if "type hints" in str(w.message) or "not writable" in str(w.message)]
+    assert not ours, ours
+    np.testing.assert_array_equal(from_frame, factors)
     expected = 2.0 ** load_policy(policy_path)(torch.as_tensor(obs)).detach().numpy()[:, 0]
     np.testing.assert_allclose(factors, expected, rtol=1e-6)
 

@@ -26,12 +26,14 @@ class PolicyModel(PythonModel):
 
         self.net = load_policy(context.artifacts["policy"])
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001
+    # The ndarray hint tells MLflow to validate with the logged signature (and not to advise hints at load).
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # noqa: ANN001
         from controller.actions import lr_factor
 
-        obs = np.asarray(getattr(model_input, "values", model_input), dtype=np.float32)
+        # a copy: MLflow hands over read-only arrays, which torch would wrap with a warning
+        obs = np.array(getattr(model_input, "values", model_input), dtype=np.float32)
         with torch.no_grad():
-            actions = self.net(torch.as_tensor(obs).reshape(-1, self.net.n_features)).numpy()[:, 0]
+            actions = self.net(torch.from_numpy(obs).reshape(-1, self.net.n_features)).numpy()[:, 0]
         return np.array([lr_factor(a, self.net.action_config) for a in actions], dtype=np.float64)
 
 
