@@ -573,6 +573,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
     """Train a controller; returns the path of the exported policy (``OUT/policy.safetensors``)."""
     out = Path(cfg.out)
     saved = _check_out_dir(out, resume)
+    if (saved is not None and saved.get("finished") and cfg.timesteps <= saved["num_timesteps"]
+            and (out / POLICY_FILE).exists()):
+        # nothing left to train: do not reopen the MLflow run, log its artefacts again or register another version
+        policy_path = out / POLICY_FILE
+        click.echo(f"{out}: this run finished at step {saved['num_timesteps']} (policy: {policy_path}); nothing to "
+                   "do. Pass --resume with a larger --timesteps to train it further.")
+        return policy_path
     if saved is not None:
         # the store the run was logged to, resolved when it started (not against this cwd), unless --tracking-uri
         # gave a new place for it
@@ -589,6 +596,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
     tracker = Tracker(out)
     if saved is not None:
         state = saved
+        state.pop("finished", None)  # trained further: finished again only at the end
         if state.get("tracking_uri") != uri:  # the next resume looks there too
             state["tracking_uri"] = uri
             _atomic_write_json(out / STATE_FILE, state)
@@ -650,6 +658,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
         if cfg.registered_model:
             _log_pyfunc(tracker, policy_path, cfg.registered_model)
         tracker.call("end_run", lambda: mlflow.end_run("FINISHED"))
+        state["finished"] = True  # a later --resume with no more timesteps has nothing to do
+        _atomic_write_json(out / STATE_FILE, state)
     finally:
         try:
             vec_env.close()
@@ -832,7 +842,7 @@ def cli() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=_D.out, help="Output directory (checkpoints, state, exported policy).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI, e.g. http://127.0.0.1:5000. Default: sqlite:///./mlflow.db (no server).")
 @click.option("--experiment", default=_D.experiment, help="MLflow experiment name.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same MLflow run, step counter continued) with its saved options: only --timesteps, --device and --tracking-uri (where the run's store is now) may change.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same MLflow run, step counter continued) with its saved options: only --timesteps, --device and --tracking-uri (where the run's store is now) may change. A finished run needs a larger --timesteps to train further.")
 @click.option("--n-steps", type=click.IntRange(min=1), default=_D.n_steps, help="PPO rollout length per env.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=_D.batch_size, help="PPO minibatch size.")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=_D.learning_rate, help="PPO learning rate.")

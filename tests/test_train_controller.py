@@ -657,3 +657,33 @@ def test_evaluate_cli_scores_policy_and_baselines_against_the_oracle(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("lrcontrol-evaluation").experiment_id])
     assert runs and runs[0].data.metrics["policy/x1"] == pytest.approx(report["summary"]["x1"]["policy"]["mean"])
+
+
+def test_resuming_a_finished_run_does_nothing_unless_given_more_timesteps(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "run"
+    cfg = tc.TrainConfig(**TINY, out=str(out), tracking_uri=uri)
+    policy = tc.train(cfg, show_progress=False)
+    state = json.loads((out / tc.STATE_FILE).read_text())
+    client = MlflowClient(uri)
+    run_id = state["mlflow_run_id"]
+
+    def logged() -> tuple:
+        run = client.get_run(run_id)
+        return (run.info.status, run.info.end_time, len(client.get_metric_history(run_id, "best/step")),
+                len(client.search_model_versions("name='lrcontrol-policy'")))
+
+    before, policy_bytes = logged(), policy.read_bytes()
+    assert state["finished"] and before[0] == "FINISHED" and before[3] == 1
+    result = CliRunner().invoke(tc.cli, ["train", "--out", str(out), "--resume", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "finished at step 128" in result.output and "nothing to do" in result.output
+    assert logged() == before and policy.read_bytes() == policy_bytes  # no new version, metric or artefact
+
+    tc.train(dataclasses.replace(cfg, timesteps=192), resume=True, show_progress=False)  # more steps: it trains
+    state = json.loads((out / tc.STATE_FILE).read_text())
+    assert state["num_timesteps"] == 192 and state["finished"]
+    status, _, best_logged, versions = logged()
+    assert (status, best_logged, versions) == ("FINISHED", 2, 2)
