@@ -677,10 +677,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
 
 
 def _log_pyfunc(tracker: Tracker, policy_path: Path, name: str) -> None:
+    import pandas as pd
     from mlflow.models import infer_signature
 
     code = Path(__file__).resolve().parent / "controller" / "integrations" / "mlflow_pyfunc.py"
-    obs = np.zeros((2, len(FEATURE_NAMES)), dtype=np.float32)
+    # named columns: MLflow then matches a table's features by name, never by position
+    obs = pd.DataFrame(np.zeros((2, len(FEATURE_NAMES))), columns=list(FEATURE_NAMES))
     signature = infer_signature(obs, np.ones(2))
     tracker.call("model", lambda: mlflow.pyfunc.log_model(
         name="policy_model", python_model=str(code), artifacts={"policy": str(policy_path)},

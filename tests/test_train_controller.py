@@ -124,17 +124,24 @@ def test_train_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
 
     mlflow.set_tracking_uri(mlflow_server.uri)
     obs = np.random.default_rng(0).uniform(-2, 2, (5, len(FEATURE_NAMES))).astype(np.float32)
+    names = list(FEATURE_NAMES)
+    table = pd.DataFrame(obs.astype(np.float64), columns=names)  # pandas' default dtype
     with warnings.catch_warnings(record=True) as caught:  # what a user loading the registered model sees
         warnings.simplefilter("always")
         warnings.onceregistry.clear()
         model = mlflow.pyfunc.load_model("models:/lrcontrol-policy/latest")
-        factors = np.asarray(model.predict(obs))
-        from_frame = np.asarray(model.predict(pd.DataFrame(obs, columns=list(FEATURE_NAMES))))
+        factors = np.asarray(model.predict(table))
     ours = [str(w.message) for w in caught if "type hints" in str(w.message) or "not writable" in str(w.message)]
     assert not ours, ours
-    np.testing.assert_array_equal(from_frame, factors)
     expected = 2.0 ** load_policy(policy_path)(torch.as_tensor(obs)).detach().numpy()[:, 0]
     np.testing.assert_allclose(factors, expected, rtol=1e-6)
+    # columns are matched by name: another order gives the same factors, and a table lacking one is refused
+    np.testing.assert_array_equal(model.predict(table[names[::-1]]), factors)
+    np.testing.assert_array_equal(model.predict(table.astype(np.float32)), factors)
+    with pytest.raises(Exception, match="progress"):
+        model.predict(table.drop(columns="progress"))
+    with pytest.raises(Exception, match="finite.*'grad_cos'"):
+        model.predict(table.assign(grad_cos=np.nan))
 
 
 def test_train_logs_to_the_default_embedded_store(tmp_path, monkeypatch):
