@@ -676,6 +676,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
     return policy_path
 
 
+def _pinned(*packages: str) -> list[str]:
+    """``name==version`` of each installed package (a local build tag such as torch's ``+cpu`` dropped): the model's
+    environment is the one it was logged from, not whatever is newest when someone serves it."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in packages]
+
+
 def _log_pyfunc(tracker: Tracker, policy_path: Path, name: str) -> None:
     import pandas as pd
     from mlflow.models import infer_signature
@@ -687,7 +695,7 @@ def _log_pyfunc(tracker: Tracker, policy_path: Path, name: str) -> None:
     tracker.call("model", lambda: mlflow.pyfunc.log_model(
         name="policy_model", python_model=str(code), artifacts={"policy": str(policy_path)},
         code_paths=[str(Path(__file__).resolve().parent / "controller")], signature=signature, input_example=obs,
-        pip_requirements=["torch", "numpy", "safetensors", "mlflow"], registered_model_name=name,
+        pip_requirements=_pinned("torch", "numpy", "safetensors", "mlflow", "pandas"), registered_model_name=name,
     ))
 
 

@@ -142,6 +142,8 @@ def test_train_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
         model.predict(table.drop(columns="progress"))
     with pytest.raises(Exception, match="finite.*'grad_cos'"):
         model.predict(table.assign(grad_cos=np.nan))
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/lrcontrol-policy/latest")).read_text()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements.split(), requirements  # pinned, as logged
 
 
 def test_train_logs_to_the_default_embedded_store(tmp_path, monkeypatch):
