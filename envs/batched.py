@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from controller.features import CLIP, N_FEATURES
 from controller.signals import StepStats, probe_coordinates, probe_values, sampling_intervals, summarize_grad_norms
+from envs.evaluation import run_schedule
 from envs.inner import EVAL_CHUNK, EpochResult, InnerRun
 from envs.lr_env import EnvConfig, Episode, LRControlEnv, resolve_device
 from envs.tasks import TRAIN_FAMILIES, TaskConfig, _data_on, get_family, make_optimizer
@@ -777,7 +778,10 @@ class LRControlVecEnv(VecEnv):
         initial = run.evaluate("val")
         results = run.run_epoch()
         for k, (slot, task) in enumerate(zip(slots, tasks)):
-            episode = Episode(task, self.config)
+            reference = None
+            if self.config.reward == "vs_cosine":  # LRControlEnv's reference run, one per episode
+                reference = run_schedule(task, "cosine", device=str(self.device)).val_losses
+            episode = Episode(task, self.config, reference)
             obs, info = episode.start(initial[k][0], results[k], run.lrs[k])
             self._episodes[slot] = episode
             self._last_obs[slot], self._last_infos[slot] = obs, info

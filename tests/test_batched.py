@@ -238,9 +238,10 @@ def reference_env(task, config):
     return env, obs, info
 
 
-def test_vec_env_steps_like_separate_envs_and_auto_resets_at_the_budget():
+@pytest.mark.parametrize("reward", ["log_val", "vs_cosine"])
+def test_vec_env_steps_like_separate_envs_and_auto_resets_at_the_budget(reward):
     """Same tasks and actions: the slots' observations, rewards and ends are LRControlEnv's."""
-    config = EnvConfig(families=("breast_cancer_mlp",))
+    config = EnvConfig(families=("breast_cancer_mlp",), reward=reward)
     tasks = shaped_tasks()
     venv = LRControlVecEnv(3, config, BatchConfig(reshape_every=None))
     venv.set_options([{"task": t} for t in tasks])
