@@ -48,7 +48,7 @@ from controller.features import CLIP, N_FEATURES
 from controller.signals import StepStats, probe_coordinates, probe_values, sampling_intervals, summarize_grad_norms
 from envs.evaluation import run_schedule
 from envs.inner import EVAL_CHUNK, EpochResult, InnerRun
-from envs.lr_env import EnvConfig, Episode, LRControlEnv, resolve_device
+from envs.lr_env import EnvConfig, Episode, LRControlEnv, check_reset_options, resolve_device
 from envs.tasks import TRAIN_FAMILIES, TaskConfig, _data_on, get_family, make_optimizer
 
 BATCHABLE_FAMILIES: tuple[str, ...] = (
@@ -659,9 +659,6 @@ class _Group:
     """Epochs until the next reshape (None: never)."""
 
 
-_RESET_OPTIONS = frozenset({"family", "task", "lr_multiplier"})
-
-
 class LRControlVecEnv(VecEnv):
     """``LRControl-v0`` for N slots at once, their inner runs trained as batched computations.
 
@@ -746,9 +743,7 @@ class LRControlVecEnv(VecEnv):
     def _group_tasks(self, group: _Group, options: Sequence[dict[str, Any]]) -> list[TaskConfig]:
         """A new shape for ``group`` and a task per slot (reset options honoured)."""
         for opts in options:
-            unknown = set(opts) - _RESET_OPTIONS
-            if unknown:
-                raise ValueError(f"unknown reset options {sorted(unknown)}; known: family, task, lr_multiplier")
+            check_reset_options(opts)
         fixed = [o["task"] for o in options if "task" in o]
         families = {o["family"] for o in options if "family" in o} | {t.family for t in fixed}
         if len(families) > 1:

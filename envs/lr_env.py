@@ -214,6 +214,16 @@ class Episode:
         }
 
 
+def check_reset_options(options: dict[str, Any]) -> None:
+    """Refuse reset options ``LRControlEnv.reset`` (and ``LRControlVecEnv.set_options``) would not honour."""
+    unknown = set(options) - {"family", "task", "lr_multiplier"}
+    if unknown:
+        raise ValueError(f"unknown reset options {sorted(unknown)}; known: family, task, lr_multiplier")
+    if "task" in options and len(options) > 1:
+        raise ValueError(f"reset option 'task' fixes the whole task: {sorted(set(options) - {'task'})} would be "
+                         "ignored; give it alone")
+
+
 class LRControlEnv(gym.Env):
     """Set the learning rate of a real PyTorch training run, one epoch per step.
 
@@ -283,13 +293,8 @@ class LRControlEnv(gym.Env):
     def sample_task(self, options: dict[str, Any] | None = None) -> TaskConfig:
         """The task of the next episode, drawn from ``self.np_random`` (see ``reset``'s options)."""
         options = options or {}
-        unknown = set(options) - {"family", "task", "lr_multiplier"}
-        if unknown:
-            raise ValueError(f"unknown reset options {sorted(unknown)}; known: family, task, lr_multiplier")
+        check_reset_options(options)
         if "task" in options:
-            if set(options) - {"task"}:
-                raise ValueError(f"reset option 'task' fixes the whole task: {sorted(set(options) - {'task'})} "
-                                 "would be ignored; give it alone")
             return options["task"]
         name = options.get("family")
         if name is None:

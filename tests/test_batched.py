@@ -376,6 +376,9 @@ def test_vec_env_api_and_refusals():
     venv.set_options({"famliy": "diabetes_mlp"})
     with pytest.raises(ValueError, match="unknown reset options"):
         venv.reset()
+    venv.set_options({"task": small_task("diabetes_mlp", "sgd"), "lr_multiplier": 10.0})  # as LRControlEnv: refused
+    with pytest.raises(ValueError, match=r"'task' fixes the whole task: \['lr_multiplier'\] would be ignored"):
+        venv.reset()
     with pytest.raises(ValueError, match="runs_per_batch"):
         BatchConfig(runs_per_batch=0)
 
