@@ -527,17 +527,27 @@ def _sigterm_as_keyboard_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def read_state(state_path: Path, command: str) -> dict[str, Any]:
+    """A run's ``state.json``; a ClickException naming the file when it is not a JSON object."""
+    try:
+        state = json.loads(state_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        state, problem = None, f"is not valid JSON ({err})"
+    else:
+        problem = f"holds a JSON {type(state).__name__}, not an object"
+    if not isinstance(state, dict):
+        raise click.ClickException(f"{command}: {state_path} {problem}; it holds the run's state, so the run cannot "
+                                   "be used until it is repaired")
+    return state
+
+
 def saved_run(out: Path) -> dict[str, Any]:
     """The saved state of the run in OUT that ``--resume`` continues; refused before any work when there is no run
     or its last checkpoint is missing or unreadable."""
     state_path = out / STATE_FILE
     if not state_path.exists():
         raise click.ClickException(f"--resume: no run to resume in {out} (no {STATE_FILE})")
-    try:
-        state: dict[str, Any] = json.loads(state_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise click.ClickException(f"--resume: {state_path} is not valid JSON ({err}); it holds the run's state, "
-                                   "so the run cannot be resumed until it is repaired") from None
+    state = read_state(state_path, "--resume")
     if state.get("checkpoint"):
         checkpoint = out / CHECKPOINT_DIR / state["checkpoint"]
         if not checkpoint.is_file():
@@ -710,7 +720,7 @@ def export(source: Path, out: Path) -> Path:
         state_path = source / STATE_FILE
         if not state_path.exists():
             raise click.ClickException(f"{source} is not a training run directory (no {STATE_FILE})")
-        state = json.loads(state_path.read_text())
+        state = read_state(state_path, "export")
         if not state.get("checkpoint"):
             raise click.ClickException(f"{source} has no checkpoint yet")
         zip_path = source / CHECKPOINT_DIR / state["checkpoint"]

@@ -14,6 +14,7 @@ import io
 import json
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -27,7 +28,24 @@ _ACTIVATION_NAMES = {cls.__name__: name for name, cls in ACTIVATIONS.items()}
 
 
 def policy_from_state_dict(state: dict[str, torch.Tensor], activation: str) -> PolicyNet:
-    """Build a :class:`PolicyNet` from an SB3 ``ActorCriticPolicy`` state dict."""
+    """Build a :class:`PolicyNet` from an SB3 ``ActorCriticPolicy`` state dict.
+
+    Raises:
+        ValueError: the weights are not an actor-critic policy's for these features (names, shapes), or some
+            are not finite (a checkpoint of a run that blew up).
+    """
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("not an SB3 actor-critic policy: its weights are not a dict of tensors")
+    try:
+        net = _policy_net(state, activation)
+    except (KeyError, RuntimeError) as err:  # a missing bias, a layer whose shape does not chain
+        raise ValueError(f"not an SB3 actor-critic policy for these features: {err}") from None
+    if not all(torch.isfinite(p).all() for p in net.parameters()):
+        raise ValueError("the policy's weights are not all finite (a checkpoint of a run that diverged?)")
+    return net
+
+
+def _policy_net(state: dict[str, torch.Tensor], activation: str) -> PolicyNet:
     layers = sorted(
         {int(m.group(1)) for k in state if (m := re.fullmatch(r"mlp_extractor\.policy_net\.(\d+)\.weight", k))}
     )
@@ -75,7 +93,9 @@ def read_sb3_zip(path: str | Path) -> PolicyNet:
             if not {"policy.pth", "data"} <= names:
                 raise ValueError(f"{path} is a zip but not a Stable-Baselines3 model (no policy.pth/data entries)")
             data = json.loads(archive.read("data"))
-            state = torch.load(io.BytesIO(archive.read("policy.pth")), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's note on a plain pickle's protocol: the error below says more
+                warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+                state = torch.load(io.BytesIO(archive.read("policy.pth")), map_location="cpu", weights_only=True)
     except zipfile.BadZipFile:
         raise ValueError(f"{path} is not a zip archive (expected an SB3 .zip or a training run directory)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -84,11 +104,21 @@ def read_sb3_zip(path: str | Path) -> PolicyNet:
         raise ValueError(f"{path}: its policy.pth holds Python objects other than tensors, which could run code when "
                          "unpickled; refused without loading it (export only zips you trust, written by SB3's save)"
                          ) from None
-    except (RuntimeError, EOFError, OSError) as err:  # corrupt tensor data lands here
-        raise ValueError(f"{path}: cannot read policy.pth safely ({err})") from None
-    act_text = str((data.get("policy_kwargs") or {}).get("activation_fn", "<class 'torch.nn.modules.activation.Tanh'>"))
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:  # corrupt bytes: weights_only's errors
+        raise ValueError(f"{path}: cannot read policy.pth safely ({type(err).__name__}: {err})") from None
+    kwargs = data.get("policy_kwargs") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not isinstance(kwargs or {}, dict):
+        raise ValueError(f"{path}: its 'data' entry is not an SB3 model description (a JSON object with a "
+                         "'policy_kwargs' object)")
+    if data.get("use_sde") or (kwargs or {}).get("use_sde") or (kwargs or {}).get("squash_output"):
+        raise ValueError(f"{path}: a policy trained with gSDE or squashed outputs acts through more than its mean "
+                         "network, which this export reads; train without use_sde/squash_output")
+    act_text = str((kwargs or {}).get("activation_fn", "<class 'torch.nn.modules.activation.Tanh'>"))
     match = re.search(r"\.(\w+)'>$", act_text)
     act = match.group(1) if match else ""
     if act not in _ACTIVATION_NAMES:
         raise ValueError(f"{path}: activation {act_text!r} is not supported ({sorted(_ACTIVATION_NAMES)})")
-    return policy_from_state_dict(state, _ACTIVATION_NAMES[act])
+    try:
+        return policy_from_state_dict(state, _ACTIVATION_NAMES[act])
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None

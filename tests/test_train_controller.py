@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import json
 import os
 import signal
@@ -509,12 +510,64 @@ def test_export_refuses_corrupt_and_foreign_files(tmp_path):
     assert not (tmp_path / "p.safetensors").exists()
 
 
+def _sb3_zip(path: Path, data: object = None, weights: object = None, edit=None) -> Path:
+    """An SB3-shaped zip: a JSON 'data' entry and a weights-only policy.pth (a 19-16-1 Tanh actor unless given)."""
+    import io
+    import zipfile
+
+    if weights is None:
+        g = torch.Generator().manual_seed(0)
+        weights = {"mlp_extractor.policy_net.0.weight": torch.randn(16, len(FEATURE_NAMES), generator=g),
+                   "mlp_extractor.policy_net.0.bias": torch.zeros(16),
+                   "action_net.weight": torch.randn(1, 16, generator=g), "action_net.bias": torch.zeros(1)}
+        if edit is not None:
+            edit(weights)
+    if data is None:
+        data = {"use_sde": False, "policy_kwargs": {"activation_fn": "<class 'torch.nn.modules.activation.Tanh'>"}}
+    buffer = io.BytesIO()
+    torch.save(weights, buffer)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("data", json.dumps(data))
+        z.writestr("policy.pth", buffer.getvalue())
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: _sb3_zip(p, data=[1, 2]), "'data' entry is not an SB3 model description"),
+        (lambda p: _sb3_zip(p, data={"policy_kwargs": "tanh"}), "'data' entry is not an SB3 model description"),
+        (lambda p: _sb3_zip(p, weights=torch.zeros(3)), "weights are not a dict of tensors"),
+        (lambda p: _sb3_zip(p, weights={"action_net.weight": 3}), "weights are not a dict of tensors"),
+        (lambda p: _sb3_zip(p, edit=lambda w: w.pop("mlp_extractor.policy_net.0.bias")),
+         "not an SB3 actor-critic policy for these features: 'mlp_extractor.policy_net.0.bias'"),
+        (lambda p: _sb3_zip(p, edit=lambda w: w.update({"action_net.bias": torch.zeros(2)})), "size mismatch"),
+        (lambda p: _sb3_zip(p, edit=lambda w: w["action_net.weight"].fill_(math.nan)), "not all finite"),
+        (lambda p: _sb3_zip(p, data={"use_sde": True, "policy_kwargs": {}}), "gSDE or squashed outputs"),
+    ],
+    ids=["data-list", "kwargs-str", "weights-tensor", "weights-int", "missing-bias", "bad-shape", "nan", "sde"],
+)
+def test_export_refuses_malformed_sb3_zips_by_name(tmp_path, make, message):
+    _sb3_zip(tmp_path / "good.zip")  # the same construction, unedited, exports
+    result = CliRunner().invoke(tc.cli, ["export", str(tmp_path / "good.zip"), str(tmp_path / "good.safetensors")])
+    assert result.exit_code == 0, result.output
+    bad = make(tmp_path / "bad.zip")
+    result = CliRunner().invoke(tc.cli, ["export", str(bad), str(tmp_path / "p.safetensors")])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "p.safetensors").exists()
+
+
 def test_commands_refuse_what_they_cannot_use_before_any_work(tmp_path):
     runner = CliRunner()
     result = runner.invoke(tc.cli, ["train", "--resume", "--out", str(tmp_path / "empty")])
     assert result.exit_code == 1 and "--resume: no run to resume" in result.output
     run = tmp_path / "fresh_run"
     run.mkdir()
+    for corrupt, problem in (("{bad", "is not valid JSON"), ("[1, 2]", "holds a JSON list, not an object")):
+        (run / tc.STATE_FILE).write_text(corrupt)
+        for args in (["train", "--resume", "--out", str(run)], ["export", str(run), str(tmp_path / "p.safetensors")]):
+            result = runner.invoke(tc.cli, args)
+            assert result.exit_code == 1 and f"{run / tc.STATE_FILE} {problem}" in result.output, result.output
     (run / tc.STATE_FILE).write_text(json.dumps({"checkpoint": None}))
     result = runner.invoke(tc.cli, ["export", str(run), str(tmp_path / "p.safetensors")])
     assert result.exit_code == 1 and "has no checkpoint yet" in result.output
