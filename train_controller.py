@@ -741,12 +741,14 @@ def export(source: Path, out: Path) -> Path:
 
 
 def format_table(ev: Evaluation) -> str:
-    """The aggregate table: geomean ratio to the oracle, mean ± std over seeds, per multiplier."""
+    """The aggregate table (geomean ratio to the oracle over each seed's tasks, mean ± std over seeds, per
+    multiplier), then one row per family and multiplier (the mean over seeds of its one task's ratio)."""
     lines = [f"{'schedule':10s} " + " ".join(f"{'x' + format(m, 'g'):>15s}" for m in ev.multipliers)]
     for s in ev.schedules:
         cells = [f"{ev.aggregate(s, m)[0]:7.3f} ± {ev.aggregate(s, m)[1]:5.3f}" for m in ev.multipliers]
         lines.append(f"{s:10s} " + " ".join(f"{c:>15s}" for c in cells))
     lines.append("")
+    lines.append("per family, mean over seeds:")
     lines.append(f"{'family':18s} {'mult':>5s} " + " ".join(f"{s:>9s}" for s in ev.schedules))
     for f in ev.families:
         for m in ev.multipliers:

@@ -12,7 +12,9 @@ Protocol (``evaluate_policy``):
 - oracle: per task (family, seed), the best final test loss of cosine annealing over the LR grid
   ``default × 3^k``, k = -3..3 — what a full grid search gets;
 - score: final test loss ÷ oracle's, capped at :data:`RATIO_CAP`; a diverged run scores the cap.
-  Aggregates are geometric means over tasks, reported as mean ± std over seeds.
+  Aggregates: per seed, the geometric mean over that seed's tasks (one per family), reported as mean ±
+  std over seeds. A single family has one task per seed, so its figure is the (arithmetic) mean over
+  seeds of that task's ratio.
 """
 
 from __future__ import annotations
@@ -266,7 +268,8 @@ class Evaluation:
                 and (family is None or r.family == family)]
 
     def aggregate(self, schedule: str, multiplier: float, family: str | None = None) -> tuple[float, float]:
-        """Geomean ratio to the oracle over tasks, as (mean, std) over seeds."""
+        """Geomean ratio to the oracle over each seed's tasks, as (mean, std) over seeds (for one family: one
+        task per seed, so the mean over seeds of its ratio)."""
         per_seed = []
         for s in range(self.seeds):
             recs = [r for r in self.select(schedule, multiplier, family) if r.seed == s]
