@@ -379,6 +379,18 @@ def plot_trajectories(policy: list[RunRecord], reference: list[RunRecord], path:
 # ==================================================================================================
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None, so that ``json.dumps`` writes standard JSON
+    (``null``) rather than the ``NaN``/``Infinity`` that jq, JavaScript and strict parsers refuse."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -794,7 +806,8 @@ def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path
     click.echo(table)
     result = ev.to_dict()
     result["policy"] = {"path": str(policy or default_policy_path()), "metadata": net.metadata}
-    (out / "evaluation.json").write_text(json.dumps(result, indent=1, default=str))
+    # standard JSON: a diverged run's non-finite losses are null
+    (out / "evaluation.json").write_text(json.dumps(strict_json(result), indent=1, default=str, allow_nan=False))
     (out / "evaluation.txt").write_text(table + "\n")
     best_baseline = min(BASELINES, key=lambda s: ev.aggregate(s, 1.0)[0])
     png = plot_trajectories([r for r in ev.records if r.schedule == "policy"],

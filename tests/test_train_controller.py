@@ -692,7 +692,7 @@ def test_evaluate_cli_scores_policy_and_baselines_against_the_oracle(tmp_path):
                                          "--tracking-uri", uri, "--workers", "1", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert {"evaluation.json", "evaluation.txt", "evaluation_trajectories.png"} <= {p.name for p in out.iterdir()}
-    report = json.loads((out / "evaluation.json").read_text())
+    report = json.loads((out / "evaluation.json").read_text(), parse_constant=lambda c: pytest.fail(f"JSON has {c}"))
     schedules = ["policy", *BASELINES]
     assert report["protocol"]["families"] == ["wine_mlp"]
     assert sorted(report["summary"]) == sorted(f"x{m:g}" for m in MULTIPLIERS)
@@ -719,6 +719,11 @@ def test_evaluate_cli_scores_policy_and_baselines_against_the_oracle(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("lrcontrol-evaluation").experiment_id])
     assert runs and runs[0].data.metrics["policy/x1"] == pytest.approx(report["summary"]["x1"]["policy"]["mean"])
+
+
+def test_strict_json_writes_non_finite_numbers_as_null():
+    value = {"a": [1.5, math.nan, (math.inf, -math.inf)], "b": {"c": 2, "d": "NaN"}}
+    assert json.dumps(tc.strict_json(value), allow_nan=False) == '{"a": [1.5, null, [null, null]], "b": {"c": 2, "d": "NaN"}}'
 
 
 def test_resuming_a_finished_run_does_nothing_unless_given_more_timesteps(tmp_path):
