@@ -140,6 +140,8 @@ class TrainConfig:
             raise ValueError(f"timesteps must be positive, got {self.timesteps}")
         if self.n_envs <= 0:
             raise ValueError(f"n_envs must be positive, got {self.n_envs}")
+        if not 0 <= self.seed < 2**32:  # NumPy's legacy seeding, which SB3 calls, takes no other
+            raise ValueError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
         for name in (*self.families, *self.eval_families):
             get_family(name)
         if not self.experiment.strip():
@@ -872,7 +874,7 @@ def cli() -> None:
 @cli.command("train")
 @click.option("--timesteps", type=click.IntRange(min=1), default=_D.timesteps, help="Total PPO env steps (one step = one inner epoch).")
 @click.option("--n-envs", type=click.IntRange(min=1), default=_D.n_envs, help="Parallel env slots: MLP families batched in-process, the others one subprocess each.")
-@click.option("--seed", type=int, default=_D.seed, help="Seed of PPO and of the task draws.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=_D.seed, help="Seed of PPO and of the task draws.")
 @click.option("--families", callback=_families, default=",".join(_D.families), help="Comma-separated train task families.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=_D.out, help="Output directory (checkpoints, state, exported policy).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI, e.g. http://127.0.0.1:5000. Default: sqlite:///./mlflow.db (no server).")

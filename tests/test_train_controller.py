@@ -429,6 +429,7 @@ def test_server_dropping_mid_run_keeps_training_and_says_what_was_lost(tmp_path)
         (["--families", "breast_cancer_mlp,friedman_mlp", "--eval-families", "friedman_mlp"],
          "['friedman_mlp'] are also in families"),
         (["--experiment", " "], "experiment must name an MLflow experiment"),
+        (["--seed", "-1"], "-1 is not in the range 0<=x<=4294967295"),
     ],
 )
 def test_bad_cli_input_fails_before_work(tmp_path, args, message):
