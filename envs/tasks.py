@@ -224,7 +224,7 @@ def mlp(n_in: int, n_out: int, width: int, depth: int) -> nn.Module:
 
 
 class Conv2dNet(nn.Module):
-    """Two 3×3 conv layers (``width`` and 2·``width`` channels), a 2×2 max-pool and a linear head."""
+    """``depth`` 3×3 conv layers (``width``, 2·``width``, … channels), a 2×2 max-pool and a linear head."""
 
     def __init__(self, side: int, n_out: int, width: int, depth: int) -> None:
         super().__init__()
@@ -403,6 +403,17 @@ class TaskConfig:
     batch_size: int
     width: int
     depth: int
+
+    def __post_init__(self) -> None:
+        get_family(self.family)  # an unknown family is named, with the known ones
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("width", 1), ("depth", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
     def with_lr(self, lr: float) -> TaskConfig:
         return replace(self, lr=float(lr))

@@ -216,3 +216,20 @@ def test_exit_with_ends_a_worker_when_its_parent_ends(pidfd):
         assert worker.returncode == 1
     finally:
         worker.kill()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({"epochs": 0}, "epochs must be an int >= 1"), ({"batch_size": 0}, "batch_size must be an int >= 1"),
+     ({"width": 0}, "width must be an int >= 1"), ({"depth": -1}, "depth must be an int >= 0"),
+     ({"seed": 1.5}, "seed must be an int"), ({"lr": math.nan}, "lr must be a positive finite number"),
+     ({"lr": 0.0}, "lr must be a positive finite number"), ({"optimizer": "rmsprop"}, "optimizer must be one of"),
+     ({"family": "nope"}, "unknown task family 'nope'")],
+)
+def test_a_task_config_names_what_is_wrong_with_it(change, message):
+    """A hand-made task that cannot run is refused when built, not with an IndexError or a zero division later."""
+    from dataclasses import replace
+
+    task = get_family("diabetes_mlp").sample(np.random.default_rng(0))
+    with pytest.raises(ValueError, match=message):
+        replace(task, **change)
