@@ -108,8 +108,9 @@ class PolicyScheduler(LRScheduler):
     the policy's ``cut_factor`` (0.25 for the bundled policy), a warning is issued once, and training
     carries on. The LR is never set to NaN or 0. Losses must be positive (the features are log ratios
     of losses): a negative one is warned about once, and so are a decision past ``total_epochs``, one with no
-    optimizer step since the previous decision, and metric-less ``step()`` calls while ``total_epochs`` is still
-    unset (a trainer without its callback).
+    optimizer step since the previous decision, and a metric-less ``step()`` call before any decision
+    with no trainer callback attached (a trainer without its callback, or a loop that calls ``step()`` as
+    for other schedulers).
 
     Args:
         optimizer: any ``torch.optim.Optimizer``, any number of param groups, on CPU or CUDA. Groups
@@ -196,6 +197,8 @@ class PolicyScheduler(LRScheduler):
         self._warned_no_plan = False
         self._needs_callback: str | None = None
         """Set by a trainer integration whose callback feeds the training loss, until that callback attaches."""
+        self._attached = False
+        """True once a trainer callback (HF or Lightning) drives the decisions."""
         self.sync_ranks = sync_ranks
         self._hook = StepStatsHook(optimizer)
         super().__init__(optimizer, last_epoch)
@@ -278,13 +281,17 @@ class PolicyScheduler(LRScheduler):
         if val_loss is None:
             if self.last_epoch < 0:  # the base class's initial call
                 self.last_epoch = 0
-            elif self.total_epochs is None and not self._warned_no_plan:
+            elif not (self._attached or self._warned_no_plan or self.history):
+                # No callback and no decision yet: a trainer without its callback (HF calls step() after every
+                # optimizer step), or a loop that calls step() as for other schedulers. Either way, no decision.
+                budget = " with total_epochs=N" if self.total_epochs is None else ""
+                sets = ", which sets the budget and passes" if self.total_epochs is None else ", which passes"
                 warnings.warn(
-                    "PolicyScheduler(total_epochs=None).step() was called with no metric, and no budget has been "
-                    "set: it never decides this way. Under a trainer, add its callback, which sets the budget and "
-                    "passes the validation loss (controller.integrations.hf.PolicySchedulerCallback or "
+                    "PolicyScheduler.step() was called with no metric, which leaves the LR unchanged: it decides only "
+                    "from a validation loss. Under a trainer, add its callback"
+                    f"{sets} the validation loss (controller.integrations.hf.PolicySchedulerCallback or "
                     "controller.integrations.lightning.PolicySchedulerCallback); in your own loop, call "
-                    "step(val_loss, train_loss=...) once per epoch with total_epochs=N (warned once)",
+                    f"step(val_loss, train_loss=...) once per epoch{budget} (warned once)",
                     RuntimeWarning,
                     stacklevel=2,
                 )

@@ -96,7 +96,8 @@ def test_observed_train_losses_reach_the_next_decision_as_a_weighted_mean(policy
     fed.observe_train_loss(torch.tensor(0.8), weight=3)
     fed.observe_train_loss(0.4, weight=1)
     assert fed.pending_train_loss == pytest.approx(0.7)
-    fed.step()  # a step without a metric keeps the record
+    with pytest.warns(RuntimeWarning, match="no metric"):  # no decision yet and no trainer callback: said once
+        fed.step()  # a step without a metric keeps the record
     fed.step(0.9)
     given.step(0.9, train_loss=0.7)
     assert fed.history[0]["train_loss"] == pytest.approx(0.7)
@@ -480,9 +481,10 @@ def test_hf_reads_the_validation_loss_from_any_of_several_evaluation_sets(tmp_pa
     assert scheduler.history == []
 
 
-def test_hf_without_the_callback_warns_that_nothing_will_decide(tmp_path, policy_path):
+@pytest.mark.parametrize("total_epochs", [None, 2], ids=["deferred-total", "explicit-total"])
+def test_hf_without_the_callback_warns_that_nothing_will_decide(tmp_path, policy_path, total_epochs):
     transformers = pytest.importorskip("transformers", reason=HF_MISSING)
-    trainer, lrs, scheduler = _hf_trainer(tmp_path, policy_path, num_train_epochs=2)
+    trainer, lrs, scheduler = _hf_trainer(tmp_path, policy_path, num_train_epochs=2, total_epochs=total_epochs)
     trainer.callback_handler.callbacks = [c for c in trainer.callback_handler.callbacks
                                           if type(c).__name__ != "PolicySchedulerCallback"]
     assert not any(isinstance(c, transformers.TrainerCallback) and type(c).__name__ == "PolicySchedulerCallback"

@@ -299,13 +299,19 @@ def test_step_without_metric_leaves_lr_unchanged(tiny_mlp):
     model, x, y = tiny_mlp
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = PolicyScheduler(opt, total_epochs=5, policy=random_policy(3))
-    for _ in range(10):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        sched.step()
-        assert opt.param_groups[0]["lr"] == 0.05
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(10):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+            assert opt.param_groups[0]["lr"] == 0.05
     assert sched.last_epoch == 0 and sched.history == []
+    # no trainer callback and no decision: said once (HF Trainer without the callback never decides)
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(said) == 1 and "called with no metric, which leaves the LR unchanged" in said[0], said
+    assert "PolicySchedulerCallback" in said[0] and "step(val_loss, train_loss=...) once per epoch (" in said[0]
 
 
 def _epoch(model, opt, x, y, gen):
@@ -519,3 +525,18 @@ def test_a_decision_with_no_optimizer_step_since_the_last_is_warned_about_once(t
             sched.step(val, train_loss=train)
         sched.step(val, train_loss=train)  # twice for one epoch: warned once already
     assert sched.history[1]["obs"][FEATURE_NAMES.index("log10_steps")] > 0
+
+
+def test_step_without_metric_after_decisions_is_silent(tiny_mlp):
+    """A framework that calls step() after every batch while the loop decides once per epoch: no warning."""
+    model, x, y = tiny_mlp
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = PolicyScheduler(opt, total_epochs=3, policy=random_policy(3))
+    gen = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train, val = _epoch(model, opt, x, y, gen)
+        sched.step(val, train_loss=train)
+        for _ in range(3):
+            sched.step()
+    assert len(sched.history) == 1

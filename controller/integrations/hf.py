@@ -126,6 +126,7 @@ class PolicySchedulerCallback(TrainerCallback):
                 RuntimeWarning,
                 stacklevel=2,
             )
+        scheduler._attached = True  # its step() calls with no metric are the Trainer's, expected
         self.scheduler = scheduler
         self._training = True
         # A resumed run starts counting from its checkpoint's step, as the Trainer's own loss logging does.

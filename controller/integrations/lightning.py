@@ -159,7 +159,7 @@ class PolicySchedulerCallback(Callback):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self.scheduler._needs_callback = None
+        self.scheduler._needs_callback, self.scheduler._attached = None, True
         self._first_epoch = True
         if self._loss_sum is not None and self._loss_epoch is not None and self._loss_epoch != trainer.current_epoch:
             self._drop_unvalidated_epoch(self._loss_epoch)
