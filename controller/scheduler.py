@@ -84,6 +84,32 @@ def _check_total_epochs(total_epochs: object) -> None:
         raise ValueError(f"total_epochs must be a positive int (or None to let a trainer set it), got {total_epochs!r}")
 
 
+def _check_plain_state(state: dict[str, Any]) -> None:
+    """The plain values of a :meth:`PolicyScheduler.state_dict` have the types and ranges the scheduler keeps."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    checks = {
+        "last_epoch": count, "_step_count": count,
+        "total_epochs": lambda v: v is None or (count(v) and v >= 1),
+        "initial_lr": lambda v: number(v) and v > 0,
+        "base_lrs": lambda v: isinstance(v, list) and all(number(x) and x >= 0 for x in v),
+        "_last_lr": lambda v: isinstance(v, list) and all(number(x) and x >= 0 for x in v),
+        "min_lrs": lambda v: isinstance(v, list) and all(number(x) and x >= 0 for x in v),
+        "max_lrs": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and x > 0 for x in v),
+        "_warned_nonfinite": lambda v: isinstance(v, bool),
+        "_pending_train_sum": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),  # NaN allowed
+        "_pending_train_weight": lambda v: number(v) and v >= 0,
+    }
+    bad = [f"{key}={state[key]!r}" for key, ok in checks.items() if key in state and not ok(state[key])]
+    if bad:
+        raise ValueError(f"malformed PolicyScheduler state: {', '.join(bad)}")
+
+
 class PolicyScheduler(LRScheduler):
     """Sets the learning rate once per epoch with a policy trained by reinforcement learning.
 
@@ -169,6 +195,8 @@ class PolicyScheduler(LRScheduler):
             0.0 if isinstance(min_lr, (list, tuple)) else self.min_lrs[0],
             math.inf if isinstance(max_lr, (list, tuple)) else self.max_lrs[0],
         )
+        if not all(hi > 0 for hi in self.max_lrs):  # the LR is never set to 0
+            raise ValueError(f"max_lr must be > 0, got {self.max_lrs}")
         if any(lo > hi for lo, hi in zip(self.min_lrs, self.max_lrs)):
             raise ValueError(f"min_lr {self.min_lrs} exceeds max_lr {self.max_lrs}")
         if any("lr" not in group for group in optimizer.param_groups):
@@ -306,6 +334,9 @@ class PolicyScheduler(LRScheduler):
                 "controller.integrations.lightning.PolicySchedulerCallback)"
             )
         train = _as_float(train_loss, "train_loss")
+        accuracy = _as_float(val_accuracy, "val_accuracy")  # every argument checked before anything changes
+        if accuracy is not None and not 0.0 <= accuracy <= 1.0 and not math.isnan(accuracy):
+            raise ValueError(f"val_accuracy must be a fraction in [0, 1], got {accuracy} (a percentage? divide by 100)")
         if train is None:
             train = self.pending_train_loss
         if train is None and self._needs_callback is not None:
@@ -318,9 +349,6 @@ class PolicyScheduler(LRScheduler):
             )
             self._needs_callback = None
         self._pending_train_sum, self._pending_train_weight = 0.0, 0.0
-        accuracy = _as_float(val_accuracy, "val_accuracy")
-        if accuracy is not None and not 0.0 <= accuracy <= 1.0 and not math.isnan(accuracy):
-            raise ValueError(f"val_accuracy must be a fraction in [0, 1], got {accuracy} (a percentage? divide by 100)")
         synced = self.sync_ranks and _ranks() > 1
         if synced:  # every rank decides from the same losses (its optimizer hook sees DDP's shared gradients)
             device = _collective_device(self._hook.device)
@@ -463,6 +491,7 @@ class PolicyScheduler(LRScheduler):
             raise ValueError(f"PolicyScheduler state is missing {missing}")
         if not isinstance(state["history"], list) or not all(isinstance(h, dict) for h in state["history"]):
             raise ValueError("PolicyScheduler state 'history' must be a list of dicts")
+        _check_plain_state(state)
         self.features.load_state_dict(state.pop("features"))
         self._hook.load_state_dict(state.pop("hook"))
         self.history = [dict(h) for h in state.pop("history")]

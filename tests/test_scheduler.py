@@ -453,9 +453,15 @@ def test_bad_arguments_are_value_errors(tiny_mlp):
         sched.step(1.0, train_loss="1.1")
     with pytest.raises(ValueError, match="scalar"):
         sched.step(torch.ones(3))
+    sched.observe_train_loss(0.9)
     with pytest.raises(ValueError, match=r"val_accuracy must be a fraction in \[0, 1\], got 85.0 \(a percentage"):
-        sched.step(1.0, train_loss=1.1, val_accuracy=85.0)
-    assert sched.history == [] and sched.last_epoch == 0  # refused before anything changed
+        sched.step(1.0, val_accuracy=85.0)
+    with pytest.raises(ValueError, match="val_accuracy must be a number"):
+        sched.step(1.0, val_accuracy="high")
+    assert sched.history == [] and sched.last_epoch == 0  # refused before anything changed,
+    assert sched.pending_train_loss == 0.9  # the recorded training loss included
+    with pytest.raises(ValueError, match=r"max_lr must be > 0, got \[0.0\]"):
+        PolicyScheduler(opt, total_epochs=5, policy=net, max_lr=0.0)
     sched.step(1.0, train_loss=1.1)
     before = sched.state_dict()
     fresh = PolicyScheduler(torch.optim.SGD(model.parameters(), lr=0.01), total_epochs=5, policy=net)
@@ -471,6 +477,10 @@ def test_bad_arguments_are_value_errors(tiny_mlp):
         fresh.load_state_dict({**before, "hook": {"steps": 3}})  # after the features: they must not stay loaded
     with pytest.raises(ValueError, match="'history' must be a list of dicts"):
         fresh.load_state_dict({**before, "history": 5})
+    with pytest.raises(ValueError, match=r"malformed PolicyScheduler state: total_epochs='thirty', initial_lr=-1.0"):
+        fresh.load_state_dict({**before, "total_epochs": "thirty", "initial_lr": -1.0})
+    with pytest.raises(ValueError, match=r"malformed PolicyScheduler state: last_epoch=True"):
+        fresh.load_state_dict({**before, "last_epoch": True})
     assert fresh.history == [] and fresh.last_epoch == 0  # a refused state changed nothing
     assert fresh.features.best_val is None and fresh.state_dict()["hook"]["steps"] == 0
     fresh.load_state_dict(before)
