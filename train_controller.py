@@ -95,7 +95,8 @@ class TrainConfig:
     timesteps: int = 100_000
     """Total PPO env steps (one step = one inner epoch)."""
     n_envs: int = 16
-    """Parallel environment slots: MLP families batched in-process, the others one subprocess each."""
+    """Parallel environment slots, shared between the MLP families (batched in-process) and the others (one
+    subprocess per slot, each drawing from all of them; in-process when only one such slot is left)."""
     seed: int = 0
     """Seed of PPO and of the environments' task draws."""
     families: tuple[str, ...] = TRAIN_FAMILIES
@@ -873,7 +874,7 @@ def cli() -> None:
 
 @cli.command("train")
 @click.option("--timesteps", type=click.IntRange(min=1), default=_D.timesteps, help="Total PPO env steps (one step = one inner epoch).")
-@click.option("--n-envs", type=click.IntRange(min=1), default=_D.n_envs, help="Parallel env slots: MLP families batched in-process, the others one subprocess each.")
+@click.option("--n-envs", type=click.IntRange(min=1), default=_D.n_envs, help="Parallel env slots, shared between the MLP families (batched in-process) and the others (a subprocess per slot, each drawing from all of them).")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=_D.seed, help="Seed of PPO and of the task draws.")
 @click.option("--families", callback=_families, default=",".join(_D.families), help="Comma-separated train task families.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=_D.out, help="Output directory (checkpoints, state, exported policy).")

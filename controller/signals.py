@@ -30,7 +30,9 @@ import torch
 from torch import Tensor
 
 NORM_SAMPLES = 16
-"""Gradient norms sampled per epoch, at most: every ``max(1, steps of the previous epoch // 16)``-th step."""
+"""Gradient norms sampled per epoch, about: every ``max(1, steps of the previous epoch // 16)``-th step, so 16–31 on
+epochs of a steady length of 16 steps or more, and every step on shorter ones and in the first epoch (whose length is
+not known yet)."""
 PROBE_PAIRS = 4
 """Probe pairs per epoch, about: one every ``max(PROBE_MIN_EVERY, previous epoch's steps // 4)`` steps."""
 PROBE_MIN_EVERY = 8

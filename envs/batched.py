@@ -55,7 +55,7 @@ BATCHABLE_FAMILIES: tuple[str, ...] = (
     "digits_mlp", "friedman_mlp", "breast_cancer_mlp", "teacher_mlp",  # training families
     "mnist1d_mlp", "diabetes_mlp", "blobs_mlp",  # validation families
 )
-"""Families whose model is ``tasks.mlp`` (Flatten, then Linear/ReLU layers), trainable by
+"""The train and validation families whose model is ``tasks.mlp`` (Flatten, then Linear/ReLU layers), trainable by
 :class:`BatchedMLPRun`. CNN, recurrent and attention families stay on the per-env path: batching
 them needs grouped convolutions or per-run recurrent kernels, for a smaller share of the suite."""
 
