@@ -155,6 +155,29 @@ def test_other_features_or_newer_format_are_refused(tmp_path):
         load_policy(_rewrite_metadata(good, tmp_path / "new.safetensors", format_version=FORMAT_VERSION + 1))
     with pytest.raises(ValueError, match="unknown action map kind"):
         load_policy(_rewrite_metadata(good, tmp_path / "act.safetensors", action_map={"kind": "linear"}))
+    swapped = list(FEATURE_NAMES)
+    swapped[7], swapped[8] = swapped[8], swapped[7]  # the same names in another order: other inputs
+    with pytest.raises(ValueError, match="other features.*order must match"):
+        load_policy(_rewrite_metadata(good, tmp_path / "order.safetensors", feature_names=swapped))
+
+
+def test_a_file_missing_a_tensor_is_refused(tmp_path):
+    """Without obs_std the net would load its default normalisation and act on unnormalised inputs."""
+    from safetensors.torch import load, save
+
+    good = save_policy(tmp_path / "good.safetensors", make_net())
+    tensors = load(good.read_bytes())
+    tensors.pop("obs_std")
+    (tmp_path / "m.safetensors").write_bytes(save(tensors, metadata=read_metadata_raw(good)))
+    with pytest.raises(ValueError, match=r"(?s)weights do not match the declared net shape.*Missing key.*obs_std"):
+        load_policy(tmp_path / "m.safetensors")
+
+
+def read_metadata_raw(path: Path) -> dict[str, str]:
+    """The safetensors header's ``__metadata__`` of ``path``, as stored."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + n])["__metadata__"]
 
 
 def test_plain_safetensors_without_our_metadata_is_refused(tmp_path):

@@ -233,3 +233,37 @@ def test_a_task_config_names_what_is_wrong_with_it(change, message):
     task = get_family("diabetes_mlp").sample(np.random.default_rng(0))
     with pytest.raises(ValueError, match=message):
         replace(task, **change)
+
+
+def test_episode_applies_the_safety_rule():
+    """The env's decisions cut on a finite blow-up over the best validation loss, and hold while it stays worse."""
+    from envs.inner import EpochResult
+    from envs.lr_env import Episode
+    from controller.signals import StepStats
+
+    task = get_family("diabetes_mlp").default_task(seed=0)
+    episode = Episode(task, EnvConfig(families=("diabetes_mlp",)))
+
+    def result(val):
+        return EpochResult(val, val, None, StepStats.empty())
+
+    episode.start(5.0, result(1.0), task.lr)
+    episode.advance(result(0.9), task.lr)
+    episode.advance(result(1.9), task.lr)  # over 2x the best, 0.9
+    assert episode.decide(task.lr, 1.0) == pytest.approx(task.lr * 0.25) and episode.cut
+    episode.advance(result(1.2), task.lr)  # over 1.25x the best: an action of +1 is held
+    assert episode.decide(task.lr, 1.0) == pytest.approx(task.lr) and not episode.cut
+
+
+def test_divergence_after_some_steps_returns_minus_the_penalty():
+    """Diverging mid-episode undoes the return so far: the episode's return is exactly -penalty."""
+    env = make_env("digits_mlp", divergence_penalty=3.0)
+    env.reset(seed=0, options={"lr_multiplier": 30.0})
+    assert not env.episode.diverged  # the first epoch survives: the divergence comes from the agent's rises
+    total, steps, term, trunc = 0.0, 0, False, False
+    while not (term or trunc):
+        _, reward, term, trunc, info = env.step(np.array([1.0], dtype=np.float32))
+        total += reward
+        steps += 1
+    assert term and not trunc and info["diverged"] and steps > 1
+    assert total == pytest.approx(-3.0)

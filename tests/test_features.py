@@ -387,3 +387,40 @@ def test_action_config_refuses_a_rule_that_cannot_work(kwargs, message):
 def test_action_map_from_a_file_refuses_unknown_fields():
     with pytest.raises(ValueError, match=r"unknown action map fields: \['warmup'\]"):
         ActionConfig.from_dict({**ActionConfig().to_dict(), "warmup": 3})
+
+
+def test_every_feature_pinned_by_hand():
+    """All 19 features from hand-computed values, with inputs that give every feature that is not a 0/1 flag its own
+    value (the env-vs-scheduler parity tests share this code, so only a test like this one sees a definition change)."""
+    fb = FeatureBuilder(total_epochs=4, initial_lr=0.1, optimizer="sgd")
+    fb.observe(epoch=1, lr=0.1, train_loss=2.0, val_loss=2.0, stats=StepStats(100, 2.0, 0.5, 0.1, 1e-3, -0.2))
+    obs = dict(zip(FEATURE_NAMES, fb.observe(epoch=2, lr=0.8, train_loss=1.5, val_loss=3.0, val_accuracy=0.7,
+                                            stats=StepStats(400, 4.0, 0.3, 0.2, 1e-2, -0.35))))
+    want = {"progress": 0.5, "log2_lr_rel_initial": 0.75, "log10_lr": (math.log10(0.8) + 3) / 1.5, "opt_sgd": 1,
+            "opt_adam": 0, "log_train_rel_first": math.log(0.75) / 2, "log_val_rel_first": math.log(1.5) / 2,
+            "log_val_rel_best": 2 * math.log(1.5), "log_val_over_train": math.log(2.0),
+            "dlog_train": 5 * math.log(0.75), "dlog_val": 5 * math.log(1.5), "val_accuracy": 0.7, "has_accuracy": 1,
+            "log_grad_norm_rel_first": math.log(2.0) / 2, "grad_norm_cv": 0.3, "grad_norm_trend": 0.4,
+            "log10_update_ratio": (math.log10(1e-2) + 3) / 1.5, "grad_cos": -0.35, "log10_steps": math.log10(400) / 2}
+    assert list(obs) == list(want)
+    values = [v for k, v in want.items() if k not in ("opt_sgd", "opt_adam", "has_accuracy")]
+    assert len({round(v, 9) for v in values}) == len(values)  # a swap of any two of them changes the vector
+    assert obs == pytest.approx(want, rel=1e-6, abs=1e-6)
+    later = fb.observe(epoch=3, lr=0.8, train_loss=1.0, val_loss=1.0)
+    assert later[FEATURE_NAMES.index("log_val_rel_best")] == 0.0  # a new best
+
+
+def test_hook_state_round_trip_keeps_the_sampling_schedule():
+    """A 640-step epoch sets sparse sampling (every 40th norm, a probe every 160 steps); a restored hook keeps it."""
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([w], lr=0.01)
+    hook = StepStatsHook(opt)
+    for _ in range(640):
+        opt.zero_grad()
+        (w**2).sum().backward()
+        opt.step()
+    hook.collect()
+    w2 = torch.nn.Parameter(torch.ones(4))
+    hook2 = StepStatsHook(torch.optim.SGD([w2], lr=0.01))
+    hook2.load_state_dict(hook.state_dict())
+    assert (hook2._norm_every, hook2._probe_every) == (hook._norm_every, hook._probe_every) == (40, 160)

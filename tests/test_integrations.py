@@ -483,12 +483,9 @@ def test_hf_reads_the_validation_loss_from_any_of_several_evaluation_sets(tmp_pa
 
 @pytest.mark.parametrize("total_epochs", [None, 2], ids=["deferred-total", "explicit-total"])
 def test_hf_without_the_callback_warns_that_nothing_will_decide(tmp_path, policy_path, total_epochs):
-    transformers = pytest.importorskip("transformers", reason=HF_MISSING)
     trainer, lrs, scheduler = _hf_trainer(tmp_path, policy_path, num_train_epochs=2, total_epochs=total_epochs)
     trainer.callback_handler.callbacks = [c for c in trainer.callback_handler.callbacks
                                           if type(c).__name__ != "PolicySchedulerCallback"]
-    assert not any(isinstance(c, transformers.TrainerCallback) and type(c).__name__ == "PolicySchedulerCallback"
-                   for c in trainer.callback_handler.callbacks)
     with pytest.warns(RuntimeWarning, match="add its callback") as caught:
         trainer.train()
     assert len([w for w in caught if "add its callback" in str(w.message)]) == 1  # once, not at every step

@@ -550,3 +550,56 @@ def test_step_without_metric_after_decisions_is_silent(tiny_mlp):
         for _ in range(3):
             sched.step()
     assert len(sched.history) == 1
+
+
+def constant_policy(action_bias: float) -> PolicyNet:
+    """A policy whose action is ``clip(action_bias)`` whatever it sees (+5: always double, -5: always halve)."""
+    net = PolicyNet(N_FEATURES, hidden=(4,))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.action_net.bias.fill_(action_bias)
+    return net.eval()
+
+
+@no_training
+def test_safety_rule_cuts_on_a_finite_blowup_and_holds_while_worse():
+    """End to end through the scheduler: the best validation loss so far drives the cut and the hold."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.01)
+    s = PolicyScheduler(opt, total_epochs=10, policy=constant_policy(5.0))
+    s.step(1.0, train_loss=1.0)
+    s.step(0.9, train_loss=0.9)  # doubled twice: 0.04
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.04) and not s.history[-1]["cut"]
+    s.step(1.9, train_loss=0.9)  # over 2x the best (0.9), though under 2x the first: cut by 1/4
+    assert s.history[-1]["cut"] and opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    s.step(1.2, train_loss=0.9)  # still over 1.25x the best: the policy's rise is held
+    assert not s.history[-1]["cut"] and opt.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+@no_training
+def test_a_non_finite_train_loss_alone_cuts_without_asking_the_policy():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    s = PolicyScheduler(opt, total_epochs=10, policy=constant_policy(5.0))
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        s.step(1.0, train_loss=math.inf)
+    assert s.history[0]["action"] is None and s.history[0]["cut"]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+@no_training
+def test_a_resume_onto_an_optimizer_at_the_saved_lr_keeps_the_initial_lr():
+    """Rebuilt after the optimizer state was loaded, the scheduler sees the decayed LR; its state must win."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=0.01)
+    s = PolicyScheduler(opt, total_epochs=10, policy=constant_policy(-5.0), min_lr=1e-4, max_lr=0.02)
+    for v in (1.0, 0.9, 0.8):
+        s.step(v, train_loss=v)
+    opt2 = torch.optim.SGD([p], lr=opt.param_groups[0]["lr"])
+    s2 = PolicyScheduler(opt2, total_epochs=7, policy=constant_policy(-5.0))
+    s2.load_state_dict(s.state_dict())
+    assert s2.state_dict() == s.state_dict()
+    assert (s2.initial_lr, s2.total_epochs, s2.min_lrs, s2.max_lrs) == (0.01, 10, [1e-4], [0.02])
+    for v in (0.7, 0.6):
+        s.step(v, train_loss=v)
+        s2.step(v, train_loss=v)
+    assert s2.history == s.history and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]

@@ -558,6 +558,19 @@ def test_export_refuses_malformed_sb3_zips_by_name(tmp_path, make, message):
     assert not (tmp_path / "p.safetensors").exists()
 
 
+def test_export_keeps_the_actor_activation(tmp_path):
+    """A ReLU-trained actor is exported with ReLU (every other export test uses Tanh)."""
+    relu = {"use_sde": False, "policy_kwargs": {"activation_fn": "<class 'torch.nn.modules.activation.ReLU'>"}}
+    g = torch.Generator().manual_seed(1)
+    weights = {"mlp_extractor.policy_net.0.weight": torch.randn(16, len(FEATURE_NAMES), generator=g),
+               "mlp_extractor.policy_net.0.bias": torch.randn(16, generator=g),
+               "action_net.weight": torch.randn(1, 16, generator=g), "action_net.bias": torch.zeros(1)}
+    net = read_sb3_zip(_sb3_zip(tmp_path / "relu.zip", data=relu, weights=weights))
+    x = torch.randn(50, len(FEATURE_NAMES), generator=g)
+    hidden = torch.relu(x @ weights["mlp_extractor.policy_net.0.weight"].T + weights["mlp_extractor.policy_net.0.bias"])
+    torch.testing.assert_close(net(x).detach(), (hidden @ weights["action_net.weight"].T).clamp(-1, 1))
+
+
 def test_commands_refuse_what_they_cannot_use_before_any_work(tmp_path):
     runner = CliRunner()
     result = runner.invoke(tc.cli, ["train", "--resume", "--out", str(tmp_path / "empty")])
