@@ -458,6 +458,8 @@ def test_bad_arguments_are_value_errors(tiny_mlp):
         sched.step(1.0, val_accuracy=85.0)
     with pytest.raises(ValueError, match="val_accuracy must be a number"):
         sched.step(1.0, val_accuracy="high")
+    with pytest.raises(ValueError, match=r"val_accuracy must be a fraction in \[0, 1\], got -0.1"):
+        sched.step(1.0, val_accuracy=-0.1)
     assert sched.history == [] and sched.last_epoch == 0  # refused before anything changed,
     assert sched.pending_train_loss == 0.9  # the recorded training loss included
     with pytest.raises(ValueError, match=r"max_lr must be > 0, got \[0.0\]"):

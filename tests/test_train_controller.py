@@ -430,6 +430,8 @@ def test_server_dropping_mid_run_keeps_training_and_says_what_was_lost(tmp_path)
          "['friedman_mlp'] are also in families"),
         (["--experiment", " "], "experiment must name an MLflow experiment"),
         (["--seed", "-1"], "-1 is not in the range 0<=x<=4294967295"),
+        (["--net-arch", "0,16"], "layer sizes must be positive integers, got '0,16'"),
+        (["--batch-size", "1025", "--n-steps", "64", "--n-envs", "16"], "batch_size 1025 exceeds the rollout size"),
     ],
 )
 def test_bad_cli_input_fails_before_work(tmp_path, args, message):
@@ -437,6 +439,16 @@ def test_bad_cli_input_fails_before_work(tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seed": -1}, r"seed must be in \[0, 2\*\*32 - 1\]"), ({"seed": 2**32}, "seed must be in"),
+    ({"gamma": 1.5}, "gamma must be a finite number in"), ({"gae_lambda": -0.1}, "gae_lambda must be a finite number"),
+])
+def test_train_config_checks_what_the_cli_does_not_see(change, message):
+    """train() is also called directly (tests, notebooks): its config checks do not rely on click's ranges."""
+    with pytest.raises(ValueError, match=message):
+        tc.TrainConfig(**change)
 
 
 def test_family_options_take_split_names():
