@@ -367,6 +367,8 @@ def test_resume_refuses_options_that_differ_from_the_saved_run_but_takes_a_new_d
     assert result.exit_code == 2, result.output
     assert "--families (saved:" in result.output and "--experiment (saved: 'lrcontrol', given: 'other')" in result.output
     assert "--seed" not in result.output  # given, but the saved value
+    result = runner.invoke(tc.cli, ["train", "--resume", "--out", str(run), "--seed", "4", "--n-envs", "8"])
+    assert result.exit_code == 2 and "--n-envs (saved: 16, given: 8); --seed (saved: 3, given: 4)" in result.output
     result = runner.invoke(tc.cli, ["train", "--resume", "--out", str(run)])
     assert result.exit_code == 2 and "'cuda:99' is not available" in result.output
     options = {**saved, "timesteps": 500, "device": "cpu"}
