@@ -93,14 +93,15 @@ def _check_plain_state(state: dict[str, Any]) -> None:
     def count(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
+    def rates(v: Any) -> bool:
+        return isinstance(v, list) and all(number(x) and x >= 0 for x in v)
+
     checks = {
         "last_epoch": count, "_step_count": count,
         "total_epochs": lambda v: v is None or (count(v) and v >= 1),
         "initial_lr": lambda v: number(v) and v > 0,
-        "base_lrs": lambda v: isinstance(v, list) and all(number(x) and x >= 0 for x in v),
-        "_last_lr": lambda v: isinstance(v, list) and all(number(x) and x >= 0 for x in v),
-        "min_lrs": lambda v: isinstance(v, list) and all(number(x) and x >= 0 for x in v),
-        "max_lrs": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and x > 0 for x in v),
+        "base_lrs": rates, "_last_lr": rates, "min_lrs": rates,
+        "max_lrs": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and x > 0 for x in v),  # inf: none
         "_warned_nonfinite": lambda v: isinstance(v, bool),
         "_pending_train_sum": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),  # NaN allowed
         "_pending_train_weight": lambda v: number(v) and v >= 0,
@@ -222,9 +223,10 @@ class PolicyScheduler(LRScheduler):
         self._warned_negative = False
         self._warned_over_budget = False
         self._warned_no_steps = False
-        self._warned_no_plan = False
+        self._warned_no_metric = False
         self._needs_callback: str | None = None
-        """Set by a trainer integration whose callback feeds the training loss, until that callback attaches."""
+        """The callback a trainer integration needs to feed the training loss (set by its config helper; cleared
+        once its absence has been warned about)."""
         self._attached = False
         """True once a trainer callback (HF or Lightning) drives the decisions."""
         self.sync_ranks = sync_ranks
@@ -309,7 +311,7 @@ class PolicyScheduler(LRScheduler):
         if val_loss is None:
             if self.last_epoch < 0:  # the base class's initial call
                 self.last_epoch = 0
-            elif not (self._attached or self._warned_no_plan or self.history):
+            elif not (self._attached or self._warned_no_metric or self.history):
                 # No callback and no decision yet: a trainer without its callback (HF calls step() after every
                 # optimizer step), or a loop that calls step() as for other schedulers. Either way, no decision.
                 budget = " with total_epochs=N" if self.total_epochs is None else ""
@@ -323,7 +325,7 @@ class PolicyScheduler(LRScheduler):
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                self._warned_no_plan = True
+                self._warned_no_metric = True
             self._last_lr = self.get_lr()
             return
         if self.total_epochs is None:
@@ -339,7 +341,7 @@ class PolicyScheduler(LRScheduler):
             raise ValueError(f"val_accuracy must be a fraction in [0, 1], got {accuracy} (a percentage? divide by 100)")
         if train is None:
             train = self.pending_train_loss
-        if train is None and self._needs_callback is not None:
+        if train is None and self._needs_callback is not None and not self._attached:
             warnings.warn(
                 "PolicyScheduler is configured for a trainer (lr_scheduler_config) whose callback never attached, so "
                 "it decides with no training loss (and a resumed run loses a decision): add "

@@ -22,8 +22,8 @@ restarting). That decision would be lost and the resumed LR sequence would drift
 uninterrupted run's. The callback keeps the epoch's validation loss in its own checkpointed state and
 makes that one decision at the start of the first resumed epoch, from the same inputs.
 
-A checkpoint saved at step 1's last batch (``ModelCheckpoint(every_n_train_steps=...)``) comes before
-that epoch's validation, and Lightning, resuming from it, goes straight on to the next epoch: the epoch
+A checkpoint saved at an epoch's last batch, in step 1 (``ModelCheckpoint(every_n_train_steps=...)``),
+comes before that epoch's validation, and Lightning, resuming from it, goes straight on to the next epoch: the epoch
 is never validated and its decision cannot be made. The callback tags its loss sum with the epoch, so it
 notices, warns, and keeps that epoch's loss and optimizer steps out of the next decision.
 
@@ -159,7 +159,7 @@ class PolicySchedulerCallback(Callback):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self.scheduler._needs_callback, self.scheduler._attached = None, True
+        self.scheduler._attached = True
         self._first_epoch = True
         if self._loss_sum is not None and self._loss_epoch is not None and self._loss_epoch != trainer.current_epoch:
             self._drop_unvalidated_epoch(self._loss_epoch)
