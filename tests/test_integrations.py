@@ -294,6 +294,22 @@ def test_lightning_plans_the_epochs_max_steps_leaves(tmp_path, policy_path):
         _lightning_run(tmp_path / "explicit", policy_path, max_epochs=10, max_steps=8, total_epochs=10)
 
 
+def test_lightning_with_gradient_accumulation_reads_each_batchs_own_loss(tmp_path, policy_path):
+    """accumulate_grad_batches=2: two optimizer steps an epoch, and Lightning hands the callback each batch loss
+    divided by 2, which must be undone; max_steps counts optimizer steps, not batches."""
+    lrs, scheduler, model = _lightning_run(tmp_path, policy_path, max_epochs=3, accumulate_grad_batches=2)
+    assert len(lrs) == 3 * 2
+    _assert_changes_exactly_at(lrs, [2, 4], scheduler.history)
+    steps = FEATURE_NAMES.index("log10_steps")
+    for epoch, h in enumerate(scheduler.history):
+        batches = model.batch_losses[epoch * 4 : (epoch + 1) * 4]
+        assert h["train_loss"] == pytest.approx(sum(loss * n for loss, n in batches) / 64, rel=1e-6)
+        assert h["obs"][steps] == pytest.approx(np.log10(2) / 2)  # the hook counted optimizer steps
+    _, planned, _ = _lightning_run(tmp_path / "max-steps", policy_path, max_epochs=10, max_steps=4,
+                                   accumulate_grad_batches=2)
+    assert planned.total_epochs == 2 and len(planned.history) == 2
+
+
 def test_lightning_scheduler_config_checks_its_arguments(policy_path):
     pytest.importorskip("pytorch_lightning", reason=LIGHTNING_MISSING)
     from controller.integrations.lightning import lr_scheduler_config
@@ -429,6 +445,35 @@ def test_hf_resume_from_checkpoint_continues_the_exact_lr_sequence(tmp_path, pol
     assert first_lrs + rest_lrs == full_lrs
     assert resumed_scheduler.history == full_scheduler.history
     assert resumed_scheduler.total_epochs == 4
+
+
+@pytest.mark.parametrize(
+    "overrides, evaluated_at",
+    [({"eval_delay": 2}, [8, 12, 16]),  # epochs 2, 3 and 4
+     ({"eval_strategy": "steps", "eval_steps": 5, "eval_delay": 6, "logging_strategy": "steps", "logging_steps": 1},
+      [10, 15, 16])],  # every 5th step from step 6 on, and the last step
+    ids=["epoch", "steps"],
+)
+def test_hf_plans_and_decides_only_the_evaluations_after_eval_delay(tmp_path, policy_path, overrides, evaluated_at):
+    trainer, lrs, scheduler = _hf_trainer(tmp_path, policy_path, **overrides)
+    trainer.train()
+    eval_steps = [log["step"] for log in trainer.state.log_history if "eval_loss" in log]
+    assert eval_steps == evaluated_at
+    assert scheduler.total_epochs == len(evaluated_at)  # the plan counts the delayed evaluations out
+    assert [h["epoch"] for h in scheduler.history] == [1, 2, 3]
+    assert scheduler.history[-1]["obs"][FEATURE_NAMES.index("progress")] == 1.0
+    _assert_changes_exactly_at(lrs, evaluated_at[:-1], scheduler.history)
+    # the first decision reads every training loss logged before it, delayed evaluations' steps included
+    logs = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
+    before, previous = [], 0
+    for step, loss in logs:
+        if step <= evaluated_at[0]:
+            before.append((loss, step - previous))
+            previous = step
+    total = sum(loss * w for loss, w in before) / sum(w for _, w in before)
+    assert scheduler.history[0]["train_loss"] == pytest.approx(total, rel=1e-12)
+    # and the hook's window holds every optimizer step before it
+    assert scheduler.history[0]["obs"][FEATURE_NAMES.index("log10_steps")] == pytest.approx(np.log10(evaluated_at[0]) / 2)
 
 
 def test_hf_refuses_runs_that_never_evaluate(tmp_path, policy_path):
