@@ -63,13 +63,47 @@ def test_features_relative_values():
     assert obs["log10_steps"] == pytest.approx(1.0)
 
 
-def test_feature_state_round_trip():
+def test_feature_state_round_trip(tmp_path):
+    """Restored mid-run, after epochs that made first, best and previous values all differ, a builder continues
+    exactly: same observations, same state (the safety rule's last/best-before-last values included)."""
     a = FeatureBuilder(10, 1e-3, "adam")
-    a.observe(epoch=1, lr=1e-3, train_loss=2.0, val_loss=1.9)
-    b = FeatureBuilder(10, 1e-3, "adam")
-    b.load_state_dict(a.state_dict())
-    kw = dict(epoch=2, lr=2e-3, train_loss=1.5, val_loss=1.6)
-    np.testing.assert_array_equal(a.observe(**kw), b.observe(**kw))
+    epochs = [(1e-3, 2.0, 1.9, StepStats(50, 3.0, 0.2, 0.1, 1e-3, 0.1)),
+              (2e-3, 1.5, 1.2, StepStats(50, 2.0, 0.3, -0.1, 2e-3, -0.2)),
+              (4e-3, 1.8, 1.6, StepStats(50, 2.5, 0.4, 0.2, 3e-3, -0.4))]
+    for epoch, (lr, train, val, stats) in enumerate(epochs, 1):
+        a.observe(epoch=epoch, lr=lr, train_loss=train, val_loss=val, stats=stats)
+    torch.save(a.state_dict(), tmp_path / "features.pt")
+    b = FeatureBuilder(10, 5e-2, "sgd")  # its own arguments are replaced too
+    b.load_state_dict(torch.load(tmp_path / "features.pt", weights_only=True))
+    assert b.state_dict() == a.state_dict()
+    for epoch, (train, val) in enumerate([(1.7, 1.5), (1.4, 1.3)], 4):
+        kw = dict(epoch=epoch, lr=3e-3, train_loss=train, val_loss=val, stats=StepStats(50, 1.5, 0.1, 0.0, 1e-3, 0.0))
+        np.testing.assert_array_equal(a.observe(**kw), b.observe(**kw))
+        assert b.state_dict() == a.state_dict()
+    with pytest.raises(ValueError, match="unknown FeatureBuilder state keys: \\['best'\\]"):
+        b.load_state_dict({"best": 1.0})
+
+
+def test_non_finite_inputs_read_as_far_worse_and_leave_the_references_alone():
+    """A NaN or inf loss reads as +CLIP in every log ratio it enters; a NaN accuracy as no accuracy; and none of them
+    becomes the first, best or previous value the next finite epoch is compared with."""
+    fb = FeatureBuilder(total_epochs=4, initial_lr=0.1, optimizer="sgd")
+    fb.observe(epoch=1, lr=0.1, train_loss=2.0, val_loss=2.0, val_accuracy=0.5)
+    bad = dict(zip(FEATURE_NAMES, fb.observe(epoch=2, lr=0.1, train_loss=math.nan, val_loss=math.inf,
+                                            val_accuracy=math.nan)))
+    assert bad["log_train_rel_first"] == bad["log_val_rel_first"] == CLIP / 2
+    assert bad["log_val_rel_best"] == bad["dlog_train"] == bad["dlog_val"] == CLIP  # 2 CLIP and 5 CLIP, clipped
+    assert bad["log_val_over_train"] == 0.0  # no finite train loss to compare with
+    assert bad["val_accuracy"] == bad["has_accuracy"] == 0.0
+    assert (fb.first_train, fb.first_val, fb.best_val, fb.prev_train, fb.prev_val) == (2.0, 2.0, 2.0, 2.0, 2.0)
+    assert math.isinf(fb.last_val) and fb.best_before_last == 2.0  # the safety rule sees the blow-up
+    nan_val = dict(zip(FEATURE_NAMES, fb.observe(epoch=3, lr=0.1, train_loss=1.0, val_loss=math.nan)))
+    assert nan_val["log_val_rel_first"] == CLIP / 2 and nan_val["log_val_over_train"] == CLIP
+    # the next finite epoch compares with the last finite one (epoch 1 for val, epoch 3 for train)
+    good = dict(zip(FEATURE_NAMES, fb.observe(epoch=4, lr=0.1, train_loss=0.5, val_loss=1.0)))
+    assert good["dlog_train"] == pytest.approx(5 * math.log(0.5))
+    assert good["dlog_val"] == pytest.approx(max(5 * math.log(0.5), -CLIP))
+    assert good["log_val_rel_best"] == 0.0 and fb.best_val == 1.0
 
 
 def test_optimizer_kind():
