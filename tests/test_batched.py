@@ -10,7 +10,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
 
 from controller.signals import PROBE_COORDS
-from envs import FAMILIES, EnvConfig, LRControlEnv, TorchRun, get_family
+from envs import FAMILIES, EnvConfig, LRControlEnv, TaskConfig, TorchRun, get_family
 from envs.batched import (
     BATCHABLE_FAMILIES,
     BatchConfig,
@@ -307,6 +307,42 @@ def test_forced_divergence_ends_one_slot_and_leaves_the_others_alone():
         assert np.isfinite(obs).all() and np.isfinite(rewards).all()
     assert done_at is not None, "a x1e4 SGD LR must diverge within 5 epochs"
     assert returns == pytest.approx(-3.0)
+
+
+def test_a_slot_diverging_on_a_reshape_step_is_terminated_not_truncated():
+    """The step where a slot diverges is also its batch's reshape: that slot ends terminated with its penalty, the
+    others truncated, and every slot starts a new task."""
+    config = EnvConfig(families=("digits_mlp",), divergence_penalty=3.0)
+    # AdamW at 30x its family's LR survives its first epoch, then diverges under the agent's rises (step 10)
+    hot = TaskConfig(family="digits_mlp", seed=1367864806, optimizer="adamw", lr=0.03, epochs=19, batch_size=32,
+                     width=32, depth=1)
+    tasks = [replace(hot, seed=1, lr=1e-3), hot, replace(hot, seed=2, lr=1e-3)]
+    actions = np.array([[0.0], [1.0], [0.0]], dtype=np.float32)
+
+    def started(reshape_every):
+        venv = LRControlVecEnv(3, config, BatchConfig(reshape_every=reshape_every))
+        venv.set_options([{"task": t} for t in tasks])
+        venv.reset()
+        return venv
+
+    venv = started(None)  # when does slot 1 diverge on its own?
+    diverged_at = next(step for step in range(1, 19) if venv.step(actions)[2][1])
+    assert diverged_at > 1, "the slot must diverge mid-episode, not in its first epoch"
+    venv = started(diverged_at)
+    returns = np.zeros(3)
+    for step in range(1, diverged_at + 1):
+        _, rewards, dones, infos = venv.step(actions)
+        returns += rewards
+        assert dones.all() == (step == diverged_at)
+    assert infos[1]["diverged"] and not infos[1]["TimeLimit.truncated"]
+    assert returns[1] == pytest.approx(-3.0)
+    for s in (0, 2):
+        assert not infos[s]["diverged"] and infos[s]["TimeLimit.truncated"] and np.isfinite(returns[s])
+    assert all("terminal_observation" in info for info in infos)
+    after = venv.get_attr("episode")
+    assert all(e.task != t and e.epoch == 1 for e, t in zip(after, tasks))
+    obs, rewards, dones, _ = venv.step(np.zeros((3, 1), dtype=np.float32))  # and the new batch trains on
+    assert np.isfinite(obs).all() and np.isfinite(rewards).all()
 
 
 def test_reshape_truncates_every_slot_and_draws_new_tasks():
