@@ -423,7 +423,14 @@ def test_hf_steps_strategy_decides_at_each_evaluation_with_the_mean_logged_loss(
     assert len(scheduler.history) == 3
 
 
-def test_hf_resume_from_checkpoint_continues_the_exact_lr_sequence(tmp_path, policy_path):
+@pytest.mark.parametrize(
+    "schedule",
+    [{}, {"eval_strategy": "steps", "eval_steps": 4, "logging_strategy": "steps", "logging_steps": 2}],
+    ids=["epoch", "steps-logged-twice-per-evaluation"],
+)
+def test_hf_resume_from_checkpoint_continues_the_exact_lr_sequence(tmp_path, policy_path, schedule):
+    """Resumed from a checkpoint saved at an evaluation: the same decisions, from the same inputs. With two logs per
+    evaluation, the first log after the restart must count the steps since the checkpoint, not since step 0."""
     transformers = pytest.importorskip("transformers", reason=HF_MISSING)
 
     class StopAfterTwoEpochs(transformers.TrainerCallback):
@@ -431,14 +438,15 @@ def test_hf_resume_from_checkpoint_continues_the_exact_lr_sequence(tmp_path, pol
             if state.epoch >= 2:
                 control.should_training_stop = True  # an interruption: the plan stays 4 epochs
 
-    full, full_lrs, full_scheduler = _hf_trainer(tmp_path / "full", policy_path)
+    saving = {"save_strategy": "steps", "save_steps": 4} if schedule else {"save_strategy": "epoch"}
+    full, full_lrs, full_scheduler = _hf_trainer(tmp_path / "full", policy_path, **schedule)
     full.train()
-    first, first_lrs, _ = _hf_trainer(tmp_path / "run", policy_path, save_strategy="epoch",
-                                      callbacks=[StopAfterTwoEpochs()])
+    first, first_lrs, _ = _hf_trainer(tmp_path / "run", policy_path, callbacks=[StopAfterTwoEpochs()], **schedule,
+                                      **saving)
     first.train()
     checkpoint = tmp_path / "run" / f"checkpoint-{2 * HF_STEPS_PER_EPOCH}"
     assert torch.load(checkpoint / "scheduler.pt", weights_only=True)["last_epoch"] == 2
-    resumed, rest_lrs, resumed_scheduler = _hf_trainer(tmp_path / "run", policy_path, save_strategy="epoch")
+    resumed, rest_lrs, resumed_scheduler = _hf_trainer(tmp_path / "run", policy_path, **schedule, **saving)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert len(first_lrs) == 2 * HF_STEPS_PER_EPOCH
     _assert_changes_exactly_at(full_lrs, [4, 8, 12], full_scheduler.history)
