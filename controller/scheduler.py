@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import ChainedScheduler, LRScheduler, SequentialLR
 
 from controller.actions import next_lr
 from controller.checkpoint import load_policy
@@ -20,6 +21,18 @@ from controller.signals import StepStatsHook
 
 _STATE_VERSION = 1
 _DISTRIBUTED = torch.distributed.is_available()
+_COMPOSITE_STEPS = {cls.step.__code__: cls.__name__ for cls in (SequentialLR, ChainedScheduler)}
+"""The ``step`` code of the torch schedulers that step others with no metric: a PolicyScheduler they step never
+decides."""
+
+
+def _composite_error(name: str) -> TypeError:
+    return TypeError(
+        f"PolicyScheduler cannot run inside {name}: it decides from the validation loss, which {name} never passes "
+        "(torch refuses ReduceLROnPlateau there for the same reason), so it would keep the LR constant. It replaces the "
+        "whole schedule. For a warm-up, step a warm-up scheduler yourself for the first epochs, then build "
+        "PolicyScheduler(optimizer, total_epochs=<epochs left>) and call its step(val_loss, train_loss=...) once per epoch"
+    )
 
 
 def _as_float(value: Any, name: str) -> float | None:
@@ -124,9 +137,11 @@ class PolicyScheduler(LRScheduler):
     ``max_lr``.
 
     ``step()`` with no metric (what Hugging Face Trainer calls after every optimizer step) leaves the
-    LR unchanged. It replaces the whole schedule, warm-up included: inside ``SequentialLR`` or
-    ``ChainedScheduler``, which call ``step()`` with no metric, it would never decide (those refuse
-    ``ReduceLROnPlateau`` for the same reason). Trainers that call ``step(val_loss)`` themselves
+    LR unchanged. It replaces the whole schedule, warm-up included: ``SequentialLR`` and
+    ``ChainedScheduler`` call ``step()`` with no metric, so under them it would never decide, and both are
+    refused with a ``TypeError`` (``SequentialLR`` when it is built, ``ChainedScheduler`` at its first step),
+    as torch refuses ``ReduceLROnPlateau`` there. For a warm-up, step a warm-up scheduler yourself, then
+    build this one with the epochs left. Trainers that call ``step(val_loss)`` themselves
     (Lightning, Hugging Face) cannot pass ``train_loss``: :meth:`observe_train_loss` records it beforehand instead, and the next decision
     uses the weighted mean of what was recorded since the previous one (the callbacks in
     :mod:`controller.integrations` do this with no user code).
@@ -306,11 +321,14 @@ class PolicyScheduler(LRScheduler):
                 and nothing has called :meth:`set_total_epochs`.
             ValueError: an argument that is not a number (or a one-element tensor), or a
                 ``val_accuracy`` outside [0, 1]; nothing changes then.
+            TypeError: stepped by ``ChainedScheduler``, which never passes a metric.
         """
         val_loss = _as_float(metrics, "metrics")
         if val_loss is None:
             if self.last_epoch < 0:  # the base class's initial call
                 self.last_epoch = 0
+            elif not self._attached and (composite := _COMPOSITE_STEPS.get(sys._getframe(1).f_code)):
+                raise _composite_error(composite)
             elif not (self._attached or self._warned_no_metric or self.history):
                 # No callback and no decision yet: a trainer without its callback (HF calls step() after every
                 # optimizer step), or a loop that calls step() as for other schedulers. Either way, no decision.
@@ -439,6 +457,16 @@ class PolicyScheduler(LRScheduler):
                 "obs": obs.tolist(),
             }
         )
+
+    @property
+    def _schedulers(self) -> list[LRScheduler]:
+        """Refuses ``SequentialLR``, which asks every scheduler it is given for this (``recursive_undo``): so its
+        construction fails at once rather than after epochs of constant LR."""
+        raise _composite_error("SequentialLR")
+
+    def _update_lr(self, epoch: int | None = None) -> None:
+        """What ``SequentialLR`` calls at a milestone (``PolicyScheduler.step`` never does): refused, as above."""
+        raise _composite_error("SequentialLR")
 
     def state_dict(self) -> dict[str, Any]:
         """Primitives only (loads with ``torch.load(..., weights_only=True)``); the policy is not included."""

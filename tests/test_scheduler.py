@@ -314,6 +314,54 @@ def test_step_without_metric_leaves_lr_unchanged(tiny_mlp):
     assert "PolicySchedulerCallback" in said[0] and "step(val_loss, train_loss=...) once per epoch (" in said[0]
 
 
+@pytest.mark.parametrize("policy_first", [False, True], ids=["after-a-warm-up", "first"])
+def test_sequential_lr_is_refused_when_it_is_built(tiny_mlp, policy_first):
+    """SequentialLR and ChainedScheduler pass no metric, so a PolicyScheduler inside them would keep the LR constant
+    (only a warning, epochs later): they are refused, as torch refuses ReduceLROnPlateau there."""
+    model, _, _ = tiny_mlp
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=3)
+    sched = PolicyScheduler(opt, total_epochs=10, policy=random_policy(3))
+    schedulers = [sched, warmup] if policy_first else [warmup, sched]
+    with pytest.raises(TypeError, match="cannot run inside SequentialLR: .*For a warm-up, step a warm-up scheduler"):
+        torch.optim.lr_scheduler.SequentialLR(opt, schedulers, milestones=[3])
+    with pytest.raises(TypeError, match="cannot run inside SequentialLR"):
+        sched._update_lr(0)  # what SequentialLR calls at its milestone, should it stop asking for _schedulers
+
+
+def test_chained_scheduler_is_refused_at_its_first_step(tiny_mlp):
+    model, x, y = tiny_mlp
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = PolicyScheduler(opt, total_epochs=10, policy=random_policy(3))
+    chained = torch.optim.lr_scheduler.ChainedScheduler([sched])
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    with pytest.raises(TypeError, match="cannot run inside ChainedScheduler"):
+        chained.step()
+    assert opt.param_groups[0]["lr"] == 0.05 and sched.history == []
+
+
+def test_a_warm_up_stepped_by_hand_then_the_policy_built_with_the_epochs_left(tiny_mlp):
+    """The recipe the refusal gives: the policy starts from the LR the warm-up reached and decides every epoch."""
+    model, x, y = tiny_mlp
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=2)
+    gen = torch.Generator().manual_seed(0)
+    with _no_other_warning():
+        for _ in range(2):
+            _epoch(model, opt, x, y, gen)
+            warmup.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+        sched = PolicyScheduler(opt, total_epochs=4, policy=random_policy(3))
+        for _ in range(4):
+            train_loss, val_loss = _epoch(model, opt, x, y, gen)
+            sched.step(val_loss, train_loss=train_loss)
+    assert sched.initial_lr == pytest.approx(0.05) and len(sched.history) == 4
+    assert sched.history[0]["obs"][FEATURE_NAMES.index("progress")] == 0.25
+    assert len({h["lr"] for h in sched.history}) > 1
+
+
 def _epoch(model, opt, x, y, gen):
     perm = torch.randperm(len(x), generator=gen)
     total = 0.0
