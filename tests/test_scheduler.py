@@ -362,6 +362,45 @@ def test_a_warm_up_stepped_by_hand_then_the_policy_built_with_the_epochs_left(ti
     assert len({h["lr"] for h in sched.history}) > 1
 
 
+def test_under_an_amp_grad_scaler_the_policy_sees_the_unscaled_gradients():
+    """GradScaler scales the loss and unscales the gradients inside scaler.step, before optimizer.step: the hook (a
+    post-step hook) must see the same gradients, so the same observations, as a run without it. A power-of-two
+    scale unscales exactly. A step the scaler skips (inf gradients) is no optimizer step and is not counted."""
+
+    def run(scaler, skip_first=False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sched = PolicyScheduler(opt, total_epochs=5, policy=random_policy(3))
+        steps: list[int] = []
+        opt.register_step_post_hook(lambda *_: steps.append(1))
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(64, 8, generator=gen), torch.randint(0, 3, (64,), generator=gen)
+        for epoch in range(3):
+            if skip_first and epoch == 1:  # a batch whose scaled gradients overflow: the scaler skips its step
+                opt.zero_grad()
+                (model(x[:16]).sum() * 3e38).backward()
+                scaler.step(opt)
+                scaler.update(2.0**10)
+            for i in range(0, 64, 16):
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x[i : i + 16]), y[i : i + 16])
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+            sched.step(1.0 / (epoch + 1), train_loss=1.5 / (epoch + 1))
+        return [h["obs"] for h in sched.history], len(steps)
+
+    plain = run(None)
+    assert plain[1] == 12
+    assert run(torch.amp.GradScaler("cpu", init_scale=2.0**10)) == plain
+    assert run(torch.amp.GradScaler("cpu", init_scale=2.0**10), skip_first=True) == plain  # 12 steps: one skipped
+
+
 def _epoch(model, opt, x, y, gen):
     perm = torch.randperm(len(x), generator=gen)
     total = 0.0
