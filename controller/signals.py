@@ -268,9 +268,10 @@ class StepStatsHook:
 
     The hook runs after every ``optimizer.step()``, so it sees the gradients the step used (inside
     Lightning, whose closure runs forward/backward within ``step``, too). With gradient clipping on,
-    it sees the clipped gradients; under an AMP ``GradScaler``, the unscaled ones (a step the scaler skips is no step). It samples: the gradient norm on every ``norm_every``-th step and
-    a probe pair (two successive steps: gradient cosine and update-to-weight ratio) every
-    ``probe_every`` steps, both from :func:`sampling_intervals` of the previous epoch's length.
+    it sees the clipped gradients; under an AMP ``GradScaler``, the unscaled ones (a step the scaler
+    skips is no step). It samples: the gradient norm on every ``norm_every``-th step and a probe pair
+    (two successive steps: gradient cosine and update-to-weight ratio) every ``probe_every`` steps,
+    both from :func:`sampling_intervals` of the previous epoch's length.
     A probe keeps :data:`PROBE_COORDS` coordinates at most (:func:`probe_coordinates`), so its memory
     stays small however large the model.
 
