@@ -90,7 +90,8 @@ class PolicySchedulerCallback(TrainerCallback):
         >>> from controller.integrations.hf import PolicySchedulerCallback
         >>> optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
         >>> scheduler = PolicyScheduler(optimizer, total_epochs=None)   # None: one per planned evaluation
-        >>> args = TrainingArguments("out", eval_strategy="epoch", logging_strategy="epoch", num_train_epochs=10)
+        >>> args = TrainingArguments("out", eval_strategy="epoch", logging_strategy="epoch", save_strategy="epoch",
+        ...                          num_train_epochs=10)   # saved at evaluations: resumes exactly
         >>> trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
         ...                   optimizers=(optimizer, scheduler), callbacks=[PolicySchedulerCallback()])
         >>> trainer.train()
