@@ -597,6 +597,7 @@ def _check_out_dir(out: Path, resume: bool) -> dict[str, Any] | None:
 def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True) -> Path:
     """Train a controller; returns the path of the exported policy (``OUT/policy.safetensors``)."""
     out = Path(cfg.out)
+    created = not out.exists()
     saved = _check_out_dir(out, resume)
     if (saved is not None and saved.get("finished") and cfg.timesteps <= saved["num_timesteps"]
             and (out / POLICY_FILE).exists()):
@@ -613,8 +614,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
         check_resumed_run(uri, saved["mlflow_run_id"])
     else:
         uri = resolve_tracking_uri(cfg.tracking_uri)
-        check_tracking_uri(uri)
-        check_experiment(uri, cfg.experiment)
+        try:
+            check_tracking_uri(uri)
+            check_experiment(uri, cfg.experiment)
+        except click.ClickException:
+            if created:  # refused before any work: leave no empty OUT behind
+                out.rmdir()
+            raise
     torch.set_num_threads(1)
 
     mlflow.set_tracking_uri(uri)

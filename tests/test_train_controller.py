@@ -385,7 +385,13 @@ def test_unreachable_server_is_reported_before_any_work(tmp_path):
                                          "--tracking-uri", f"http://127.0.0.1:{port}"])
     assert result.exit_code != 0
     assert f"cannot reach the MLflow tracking server at http://127.0.0.1:{port}" in result.output
-    assert not (tmp_path / "run" / "state.json").exists()
+    assert not (tmp_path / "run").exists()  # not even an empty OUT is left behind
+    mine = tmp_path / "mine"  # an OUT that was there before is left as it was
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    result = CliRunner().invoke(tc.cli, ["train", "--timesteps", "64", "--out", str(mine),
+                                         "--tracking-uri", f"http://127.0.0.1:{port}"])
+    assert result.exit_code != 0 and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 def test_server_dropping_mid_run_keeps_training_and_says_what_was_lost(tmp_path):
