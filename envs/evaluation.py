@@ -168,12 +168,15 @@ def run_schedule(
 
 def ratio_to(value: float, reference: float, cap: float = RATIO_CAP) -> float:
     """``value / reference``, within ``[1/cap, cap]``; a diverged (non-finite) side counts as ``cap`` times
-    worse than the other: ``cap`` when ``value`` diverged, ``1/cap`` when only ``reference`` did, 1 when both did."""
-    value_ok, reference_ok = math.isfinite(value), math.isfinite(reference) and reference > 0
+    worse than the other: ``cap`` when ``value`` diverged, ``1/cap`` when only ``reference`` did, 1 when both did.
+    A reference loss of exactly 0 (every sample right by a wide margin, in float32) is matched only by 0: 1, else ``cap``."""
+    value_ok, reference_ok = math.isfinite(value), math.isfinite(reference)
     if not value_ok:
         return 1.0 if not reference_ok else cap
     if not reference_ok:
         return 1.0 / cap
+    if reference <= 0.0:
+        return 1.0 if value <= 0.0 else cap
     return min(max(value / reference, 1.0 / cap), cap)
 
 

@@ -179,7 +179,8 @@ class Episode:
             self.diverged = True
             return obs, self.divergence_reward(), True, False, self.info(result, lr)
         assert self.prev_val is not None
-        reward = math.log(self.prev_val) - math.log(result.val_loss) - self._reference_gain()
+        # a loss of exactly 0 (every validation sample right by a wide margin, in float32) is finite: floor it
+        reward = math.log(max(self.prev_val, 1e-30)) - math.log(max(result.val_loss, 1e-30)) - self._reference_gain()
         self.prev_val = result.val_loss
         done = self.epoch >= self.task.epochs
         reward = float(np.clip(reward, -50.0, 50.0))

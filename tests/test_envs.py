@@ -255,6 +255,22 @@ def test_episode_applies_the_safety_rule():
     assert episode.decide(task.lr, 1.0) == pytest.approx(task.lr) and not episode.cut
 
 
+def test_a_validation_loss_of_exactly_zero_is_a_finite_reward():
+    """A classifier that gets every validation sample right by a wide margin reaches a float32 loss of 0 (wine at a
+    high LR does): the reward takes the log of it, and must stay finite rather than raise."""
+    from envs.inner import EpochResult
+    from envs.lr_env import Episode
+    from controller.signals import StepStats
+
+    task = get_family("wine_mlp").default_task(seed=0)
+    episode = Episode(task, EnvConfig(families=("wine_mlp",)))
+    episode.start(1.1, EpochResult(0.5, 0.0, 1.0, StepStats.empty()), task.lr)  # 0 at the first epoch, too
+    obs, reward, terminated, _, info = episode.advance(EpochResult(0.1, 0.0, 1.0, StepStats.empty()), task.lr)
+    assert reward == 0.0 and not terminated and not info["diverged"] and np.isfinite(obs).all()
+    _, reward, *_ = episode.advance(EpochResult(0.1, 0.2, 0.9, StepStats.empty()), task.lr)
+    assert reward == -50.0  # ln(1e-30 / 0.2), clipped like every reward
+
+
 def test_divergence_after_some_steps_returns_minus_the_penalty():
     """Diverging mid-episode undoes the return so far: the episode's return is exactly -penalty."""
     env = make_env("digits_mlp", divergence_penalty=3.0)

@@ -702,6 +702,8 @@ def test_ratio_counts_divergence_on_either_side():
     assert ratio_to(1.0, float("inf")) == 1 / RATIO_CAP  # only the reference diverged: a win, not a loss
     assert ratio_to(float("nan"), float("nan")) == 1.0
     assert ratio_to(1e9, 1.0) == RATIO_CAP
+    # a reference loss of exactly 0 (float32 rounding of a perfect classifier) is no divergence: only 0 matches it
+    assert ratio_to(0.1, 0.0) == RATIO_CAP and ratio_to(0.0, 0.0) == 1.0 and ratio_to(0.0, 0.5) == 1 / RATIO_CAP
 
 
 def test_selection_and_evaluation_tasks_differ_and_families_are_independent():
