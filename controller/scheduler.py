@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import operator
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ChainedScheduler, LRScheduler, SequentialLR
@@ -52,14 +54,16 @@ def _as_float(value: Any, name: str) -> float | None:
         raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
-def _per_group(value: float | Sequence[float], n_groups: int, name: str) -> list[float]:
-    values: list[Any] = list(value) if isinstance(value, (list, tuple)) else [value] * n_groups
+def _per_group(value: Any, n_groups: int, name: str) -> tuple[list[float], bool]:
+    """One bound per param group from a number or a sequence of them; also whether a sequence was given."""
+    listed = isinstance(value, (list, tuple)) or (isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim > 0)
+    values: list[Any] = list(value) if listed else [value] * n_groups
     if len(values) != n_groups:
         raise ValueError(f"expected {n_groups} values for {name}, one per param group, got {len(values)}")
-    out = [float(v) for v in values]
-    if any(math.isnan(v) or v < 0 for v in out):
-        raise ValueError(f"{name} must be >= 0, got {out}")
-    return out
+    out = [_as_float(v, name) for v in values]
+    if None in out:
+        raise ValueError(f"{name} must be a number or one per param group, got {value!r}")
+    return out, listed  # type: ignore[return-value]  # no None left
 
 
 def _ranks() -> int:
@@ -92,9 +96,15 @@ def _mean_over_ranks(
     )
 
 
-def _check_total_epochs(total_epochs: object) -> None:
-    if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
+def _check_total_epochs(total_epochs: object) -> int:
+    """``total_epochs`` as an int (NumPy integers too); a clear error for anything but a positive integer."""
+    try:
+        n = operator.index(total_epochs)  # type: ignore[arg-type]  # refused below when it is no integer
+    except TypeError:
+        n = 0
+    if isinstance(total_epochs, bool) or n < 1:
         raise ValueError(f"total_epochs must be a positive int (or None to let a trainer set it), got {total_epochs!r}")
+    return n
 
 
 def _check_plain_state(state: dict[str, Any]) -> None:
@@ -118,6 +128,7 @@ def _check_plain_state(state: dict[str, Any]) -> None:
         "_warned_nonfinite": lambda v: isinstance(v, bool),
         "_pending_train_sum": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),  # NaN allowed
         "_pending_train_weight": lambda v: number(v) and v >= 0,
+        "_raw_lrs": lambda v: rates(v) and all(x > 0 for x in v),
     }
     bad = [f"{key}={state[key]!r}" for key, ok in checks.items() if key in state and not ok(state[key])]
     if bad:
@@ -162,9 +173,12 @@ class PolicyScheduler(LRScheduler):
             the first decision (Hugging Face: the number of evaluations; Lightning: ``max_epochs``).
         policy: a policy file path, an already loaded :class:`PolicyNet`, or None for the bundled
             default policy.
-        min_lr: lower bound(s) on each group's LR (a float or one per group). A float also bounds
-            groups added later with ``optimizer.add_param_group``; per-group lists leave those unbounded.
-        max_lr: upper bound(s) on each group's LR, likewise.
+        min_lr: lower bound(s) on each group's LR (a float or one per group), finite; each group's LR
+            must start within its bounds. A float also bounds groups added later with
+            ``optimizer.add_param_group``; per-group lists leave those unbounded. The factor is the
+            first group's move after its bounds, so when that group is held at a bound all groups hold;
+            another group held at its own bound returns to its ratio when the run's LR comes back.
+        max_lr: upper bound(s) on each group's LR, likewise (``inf``: none).
         sync_ranks: under ``torch.distributed`` (DDP and the trainers that use it), average the losses
             over the ranks of the default process group and apply rank 0's decision on every rank, so
             that replicas keep one LR even when each passes its own local loss (``history`` records
@@ -201,18 +215,17 @@ class PolicyScheduler(LRScheduler):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"{type(optimizer).__name__} is not an Optimizer")
         if total_epochs is not None:
-            _check_total_epochs(total_epochs)
+            total_epochs = _check_total_epochs(total_epochs)
         n_groups = len(optimizer.param_groups)
-        self.min_lrs = _per_group(min_lr, n_groups, "min_lr")
-        self.max_lrs = _per_group(max_lr, n_groups, "max_lr")
+        self.min_lrs, min_listed = _per_group(min_lr, n_groups, "min_lr")
+        self.max_lrs, max_listed = _per_group(max_lr, n_groups, "max_lr")
         # bounds for param groups added later (optimizer.add_param_group, e.g. Lightning's BaseFinetuning):
         # a single min_lr / max_lr applies to them too; per-group lists did not name them, so none
-        self._later_bounds = (
-            0.0 if isinstance(min_lr, (list, tuple)) else self.min_lrs[0],
-            math.inf if isinstance(max_lr, (list, tuple)) else self.max_lrs[0],
-        )
-        if not all(hi > 0 for hi in self.max_lrs):  # the LR is never set to 0
-            raise ValueError(f"max_lr must be > 0, got {self.max_lrs}")
+        self._later_bounds = (0.0 if min_listed else self.min_lrs[0], math.inf if max_listed else self.max_lrs[0])
+        if not all(math.isfinite(lo) and lo >= 0 for lo in self.min_lrs):
+            raise ValueError(f"min_lr must be finite and >= 0, got {self.min_lrs}")
+        if not all(hi > 0 for hi in self.max_lrs):  # the LR is never set to 0 (NaN fails this too)
+            raise ValueError(f"max_lr must be > 0 (inf: no bound), got {self.max_lrs}")
         if any(lo > hi for lo, hi in zip(self.min_lrs, self.max_lrs)):
             raise ValueError(f"min_lr {self.min_lrs} exceeds max_lr {self.max_lrs}")
         if any("lr" not in group for group in optimizer.param_groups):
@@ -220,6 +233,12 @@ class PolicyScheduler(LRScheduler):
         lr0 = float(optimizer.param_groups[0]["lr"])
         if not (math.isfinite(lr0) and lr0 > 0):
             raise ValueError(f"the optimizer's LR must be positive and finite, got {lr0}")
+        for i, (group, lo, hi) in enumerate(zip(optimizer.param_groups, self.min_lrs, self.max_lrs)):
+            if not lo <= float(group["lr"]) <= hi:  # the first decision would jump the LR to the bound
+                raise ValueError(
+                    f"param group {i} starts at LR {float(group['lr'])}, outside its bounds [min_lr {lo}, max_lr {hi}]; "
+                    "give bounds around each group's LR (a list gives one per group)"
+                )
         self.policy = policy if isinstance(policy, PolicyNet) else load_policy(policy)
         if self.policy.n_features != len(FEATURE_NAMES):
             raise ValueError(f"policy takes {self.policy.n_features} features, this library computes {len(FEATURE_NAMES)}")
@@ -244,6 +263,9 @@ class PolicyScheduler(LRScheduler):
         once its absence has been warned about)."""
         self._attached = False
         """True once a trainer callback (HF or Lightning) drives the decisions."""
+        self._raw_lrs: list[float] = []
+        """Each group's LR before its min_lr / max_lr bound: what the next factor multiplies (filled at the first
+        decision)."""
         self.sync_ranks = sync_ranks
         self._hook = StepStatsHook(optimizer)
         super().__init__(optimizer, last_epoch)
@@ -262,7 +284,7 @@ class PolicyScheduler(LRScheduler):
             >>> scheduler = PolicyScheduler(optimizer, total_epochs=None)
             >>> scheduler.set_total_epochs(12)
         """
-        _check_total_epochs(total_epochs)
+        total_epochs = _check_total_epochs(total_epochs)
         self.total_epochs = total_epochs
         self.features.total_epochs = total_epochs
 
@@ -427,6 +449,9 @@ class PolicyScheduler(LRScheduler):
                 self._warned_nonfinite = True
             action, cut = None, True
             new_lr = max(lr * self.action_config.cut_factor, self.initial_lr * self.action_config.min_ratio)
+        # The reference group's own bounds first: the factor is what that group really moves by, so a group held at
+        # its bound holds the others too (ratios kept; none drifts while the policy keeps asking for more).
+        new_lr = min(max(new_lr, self.min_lrs[0]), self.max_lrs[0])
         factor = new_lr / lr
         if synced:  # and applies rank 0's decision, so replicas keep one LR even where their signals differ
             decided = torch.tensor([factor, math.nan if action is None else action, cut], dtype=torch.float64,
@@ -437,8 +462,17 @@ class PolicyScheduler(LRScheduler):
         for _ in range(len(self.optimizer.param_groups) - len(self.min_lrs)):  # groups added since
             self.min_lrs.append(self._later_bounds[0])
             self.max_lrs.append(self._later_bounds[1])
-        for group, lo, hi in zip(self.optimizer.param_groups, self.min_lrs, self.max_lrs):
-            value = min(max(float(group["lr"]) * factor, lo), hi)
+        raw = self._raw_lrs
+        for i, (group, lo, hi) in enumerate(zip(self.optimizer.param_groups, self.min_lrs, self.max_lrs)):
+            current = float(group["lr"])
+            # Each group follows the factor from its unbounded LR, so that a group held at its own bound comes back
+            # to its ratio when the run's LR does; a group added since, or set from outside, starts from its LR.
+            if i == len(raw):
+                raw.append(current)
+            elif not math.isclose(current, min(max(raw[i], lo), hi), rel_tol=1e-6):
+                raw[i] = current
+            raw[i] *= factor
+            value = min(max(raw[i], lo), hi)
             if isinstance(group["lr"], torch.Tensor):  # a tensor LR (capturable / compiled optimizers) stays one
                 group["lr"].fill_(value)
             else:
@@ -486,6 +520,7 @@ class PolicyScheduler(LRScheduler):
             "_warned_nonfinite": self._warned_nonfinite,
             "_pending_train_sum": self._pending_train_sum,
             "_pending_train_weight": self._pending_train_weight,
+            "_raw_lrs": list(self._raw_lrs),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -512,11 +547,11 @@ class PolicyScheduler(LRScheduler):
         # every key is checked before anything changes: a refused state leaves the scheduler as it was
         parts, plain = {"features", "hook", "history"}, {
             "last_epoch", "_step_count", "total_epochs", "initial_lr", "base_lrs", "_last_lr",
-            "min_lrs", "max_lrs", "_warned_nonfinite", "_pending_train_sum", "_pending_train_weight",
+            "min_lrs", "max_lrs", "_warned_nonfinite", "_pending_train_sum", "_pending_train_weight", "_raw_lrs",
         }
         if unknown := sorted(set(state) - parts - plain):
             raise ValueError(f"unknown PolicyScheduler state keys {unknown}")
-        optional = {"_pending_train_sum", "_pending_train_weight"}  # absent from states saved by earlier versions
+        optional = {"_pending_train_sum", "_pending_train_weight", "_raw_lrs"}  # absent from states of earlier versions
         if missing := sorted((parts | plain) - optional - set(state)):
             raise ValueError(f"PolicyScheduler state is missing {missing}")
         if not isinstance(state["history"], list) or not all(isinstance(h, dict) for h in state["history"]):
@@ -525,6 +560,7 @@ class PolicyScheduler(LRScheduler):
         self.features.load_state_dict(state.pop("features"))
         self._hook.load_state_dict(state.pop("hook"))
         self.history = [dict(h) for h in state.pop("history")]
-        self._pending_train_sum, self._pending_train_weight = 0.0, 0.0  # absent from states saved by earlier versions
+        # absent from states saved by earlier versions: nothing pending; unbounded LRs start from the groups' LRs
+        self._pending_train_sum, self._pending_train_weight, self._raw_lrs = 0.0, 0.0, []
         for key, value in state.items():
             setattr(self, key, value)

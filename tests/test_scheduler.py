@@ -514,6 +514,57 @@ def test_min_and_max_lr_clamps(tiny_mlp):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.004)
 
 
+def _fixed_policy(bias: float) -> PolicyNet:
+    net = PolicyNet(N_FEATURES, hidden=(4,))
+    with torch.no_grad():
+        net.action_net.bias.fill_(bias)  # +5: always a=+1 (LR x2), -5: always a=-1
+    return net
+
+
+def _two_groups(model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = list(model.parameters())
+    return torch.optim.SGD([{"params": params[:2], "lr": 0.01}, {"params": params[2:], "lr": 0.001}])
+
+
+@no_training
+def test_a_bound_on_one_group_keeps_the_ratios_of_all(tiny_mlp):
+    """One factor for all groups: when the reference group sits at its bound, the others hold too (they used to be
+    multiplied every epoch without limit: 1e6 after 30 rises); a group held at its own bound comes back to its ratio
+    when the run's LR does, also across a state round trip."""
+    model, _, _ = tiny_mlp
+    opt = _two_groups(model)
+    sched = PolicyScheduler(opt, total_epochs=31, policy=_fixed_policy(5.0), max_lr=[0.02, math.inf])
+    for epoch in range(30):
+        sched.step(1.0 - 0.01 * epoch, train_loss=1.0)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02, 0.002])
+    opt.param_groups[1]["lr"] = 0.003  # set from outside: followed from there
+    sched.step(0.5, train_loss=1.0)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02, 0.003])
+    opt = _two_groups(model)
+    sched = PolicyScheduler(opt, total_epochs=30, policy=_fixed_policy(-5.0), min_lr=[0.005, 0.0])
+    for epoch in range(30):
+        sched.step(1.0, train_loss=1.0)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.0005])
+
+    opt = _two_groups(model)
+    policy = _fixed_policy(5.0)
+    sched = PolicyScheduler(opt, total_epochs=30, policy=policy, max_lr=[math.inf, 0.001])
+    sched.step(1.0, train_loss=1.0)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02, 0.001])  # group 1 held at its bound
+    state = sched.state_dict()
+    resumed_opt = _two_groups(model)
+    for group, lr in zip(resumed_opt.param_groups, (0.02, 0.001)):
+        group["lr"] = lr
+    resumed = PolicyScheduler(resumed_opt, total_epochs=30, policy=policy, max_lr=[math.inf, 0.001])
+    resumed.load_state_dict(state)
+    with torch.no_grad():
+        policy.action_net.bias.fill_(-5.0)
+    for epoch, want in enumerate(([0.01, 0.001], [0.005, 0.0005])):  # back to 10:1 once below the bound
+        for s, o in ((sched, opt), (resumed, resumed_opt)):
+            s.step(0.99 - 0.01 * epoch, train_loss=1.0)
+            assert [g["lr"] for g in o.param_groups] == pytest.approx(want)
+
+
 @no_training
 def test_bad_arguments_are_value_errors(tiny_mlp):
     model, _, _ = tiny_mlp
@@ -549,8 +600,19 @@ def test_bad_arguments_are_value_errors(tiny_mlp):
         sched.step(1.0, val_accuracy=-0.1)
     assert sched.history == [] and sched.last_epoch == 0  # refused before anything changed,
     assert sched.pending_train_loss == 0.9  # the recorded training loss included
-    with pytest.raises(ValueError, match=r"max_lr must be > 0, got \[0.0\]"):
+    with pytest.raises(ValueError, match=r"max_lr must be > 0 \(inf: no bound\), got \[0.0\]"):
         PolicyScheduler(opt, total_epochs=5, policy=net, max_lr=0.0)
+    with pytest.raises(ValueError, match=r"min_lr must be finite and >= 0, got \[inf\]"):
+        PolicyScheduler(opt, total_epochs=5, policy=net, min_lr=math.inf)  # it set the LR to inf
+    for bad in (True, "1e-4", None):
+        with pytest.raises(ValueError, match="min_lr must be a number"):
+            PolicyScheduler(opt, total_epochs=5, policy=net, min_lr=bad)
+    for bounds in ({"min_lr": 0.02}, {"max_lr": 0.005}):  # the first decision would jump the LR to the bound
+        with pytest.raises(ValueError, match=r"param group 0 starts at LR 0.01, outside its bounds"):
+            PolicyScheduler(opt, total_epochs=5, policy=net, **bounds)
+    counted = PolicyScheduler(opt, total_epochs=np.int64(5), policy=net, min_lr=np.array([1e-4]))  # NumPy values
+    assert counted.total_epochs == 5 and type(counted.total_epochs) is int and counted.min_lrs == [1e-4]
+    counted._hook.remove()
     sched.step(1.0, train_loss=1.1)
     before = sched.state_dict()
     fresh = PolicyScheduler(torch.optim.SGD(model.parameters(), lr=0.01), total_epochs=5, policy=net)
