@@ -23,11 +23,13 @@ import array
 import functools
 import itertools
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 NORM_SAMPLES = 16
 """Gradient norms sampled per epoch, about: every ``max(1, steps of the previous epoch // 16)``-th step, so 16–31 on
@@ -190,6 +192,14 @@ class _Samples:
     def values(self) -> Tensor:
         return self.buffer[: self.count]
 
+    def __getstate__(self) -> dict[str, object]:
+        # a copy must share its host array with its tensor again, as a new one does
+        return {"device": self.buffer.device, "values": self.values().tolist()}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(state["device"])  # type: ignore[misc, arg-type]
+        self.reset(state["values"])  # type: ignore[arg-type]
+
     def reset(self, values: Sequence[float] = ()) -> None:
         self.count = 0
         for v in values:
@@ -263,6 +273,12 @@ class _ProbePlan:
         return self.vectors[step]
 
 
+_ATTACHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[tuple[weakref.ref[StepStatsHook], RemovableHandle]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Each optimizer's StepStatsHook registrations, so that those whose hook is gone can be removed."""
+
+
 class StepStatsHook:
     """Gathers :class:`StepStats` from an optimizer through ``register_step_post_hook``.
 
@@ -299,7 +315,40 @@ class StepStatsHook:
         self._norm_every, self._probe_every = sampling_intervals(0)
         device = self._device
         self._norms, self._cos, self._ratios = _Samples(device), _Samples(device), _Samples(device)
-        self._handle = optimizer.register_step_post_hook(self._after_step)
+        self._optimizer = optimizer
+        self._attach()
+
+    def _attach(self) -> None:
+        """Register the post-step hook. The optimizer holds only a weak reference to this object: once its owner
+        (the scheduler) is gone, the hook does nothing, and the next hook attached to that optimizer removes it (a
+        hook cannot remove itself: the optimizer is iterating over its hooks then)."""
+        ref, after = weakref.ref(self), type(self)._after_step
+
+        def hook(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+            owner = ref()
+            if owner is not None:
+                after(owner, optimizer, args, kwargs)
+
+        self._hook_fn = hook
+        """What the optimizer calls after each step (the bench times it)."""
+        self._handle = self._optimizer.register_step_post_hook(hook)
+        attached = []
+        for other, handle in _ATTACHED.get(self._optimizer, ()):
+            if other() is None:
+                handle.remove()
+            else:
+                attached.append((other, handle))
+        _ATTACHED[self._optimizer] = [*attached, (ref, self._handle)]
+
+    def __getstate__(self) -> dict[str, object]:
+        # The optimizer's own copy drops its hooks, and the probe buffers are views of its parameters: a copy
+        # (deepcopy, pickle, torch.save of the whole object) watches its optimizer anew and hooks into it again.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_handle", "_hook_fn", "_probe", "_plans", "params")}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._watch(self._optimizer)
+        self._attach()
 
     @property
     def device(self) -> torch.device:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import gc
 import io
 import math
 import warnings
@@ -563,6 +565,51 @@ def test_a_bound_on_one_group_keeps_the_ratios_of_all(tiny_mlp):
         for s, o in ((sched, opt), (resumed, resumed_opt)):
             s.step(0.99 - 0.01 * epoch, train_loss=1.0)
             assert [g["lr"] for g in o.param_groups] == pytest.approx(want)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copied_run_keeps_its_gradient_signals(tiny_mlp, how):
+    """Copying the whole run (model, optimizer, scheduler) copies an optimizer without its hooks: the copy's scheduler
+    must hook into it again, or every later decision reads no gradient signal (and warns of no optimizer step)."""
+    model, x, y = tiny_mlp
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sched = PolicyScheduler(opt, total_epochs=5, policy=random_policy(3))
+    gen = torch.Generator().manual_seed(0)
+    with _no_other_warning():
+        train, val = _epoch(model, opt, x, y, gen)
+        sched.step(val, train_loss=train)
+    if how == "deepcopy":
+        copied = copy.deepcopy((model, opt, sched))
+    else:
+        buf = io.BytesIO()
+        torch.save((model, opt, sched), buf)
+        buf.seek(0)
+        copied = torch.load(buf, weights_only=False)
+    for m, o, s in ((model, opt, sched), copied):
+        assert s.optimizer is o
+        with _no_other_warning():
+            train, val = _epoch(m, o, x, y, torch.Generator().manual_seed(1))
+            s.step(val, train_loss=train)
+    assert copied[2].history == sched.history
+    stats = sched.history[-1]["obs"][FEATURE_NAMES.index("grad_norm_cv") :]
+    assert all(v != 0.0 for v in stats), dict(zip(FEATURE_NAMES[-6:], stats))
+
+
+def test_a_scheduler_that_is_gone_leaves_no_hook_behind(tiny_mlp):
+    """Re-creating a scheduler on one optimizer (a notebook cell run again) must not leave the old one's hook
+    sampling every step for nobody."""
+    model, x, y = tiny_mlp
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(4):  # the previous scheduler is still bound while the next one is built: it is removed later
+        sched = PolicyScheduler(opt, total_epochs=5, policy=random_policy(3))
+        gc.collect()
+        assert len(opt._optimizer_step_post_hooks) <= 2  # no pile-up
+    del sched
+    gc.collect()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()  # an orphaned hook does nothing (it cannot remove itself while the optimizer runs its hooks)
+    kept = PolicyScheduler(opt, total_epochs=5, policy=random_policy(3))
+    assert list(opt._optimizer_step_post_hooks.values()) == [kept._hook._hook_fn]
 
 
 @no_training
