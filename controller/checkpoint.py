@@ -104,8 +104,8 @@ def _parse(path: Path) -> tuple[dict[str, Any], bytes]:
     if data[:4] == b"PK\x03\x04":
         raise _refuse(
             path,
-            "it is a zip archive (a Stable-Baselines3 .zip?). SB3 zips hold pickled code and are never "
-            "loaded here; convert one you trust with `python train_controller.py export RUN_DIR OUT`",
+            "it is a zip archive (a torch.save file or a Stable-Baselines3 .zip?). Both hold pickled code and are "
+            "never loaded here; convert an SB3 run you trust with `python train_controller.py export RUN_DIR OUT`",
         )
     looks_pickled = data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
     if len(data) < 8:
@@ -170,6 +170,8 @@ def load_policy(path: str | Path | None = None) -> PolicyNet:
             shape included), non-finite weights or a normalisation std <= 0, a newer format version,
             or a directory.
     """
+    if isinstance(path, str) and not path.strip():
+        raise ValueError("policy path is empty: give a policy file, or None for the bundled policy")
     path = default_policy_path() if path is None else Path(path)
     meta, data = _parse(path)
     try:

@@ -52,12 +52,14 @@ ADAM_LIKE = frozenset({"Adam", "AdamW", "NAdam", "RAdam", "Adamax"})
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer | str) -> str:
-    """``"sgd"``, ``"adam"`` or ``"other"`` from an optimizer (or its class name)."""
-    name = optimizer if isinstance(optimizer, str) else type(optimizer).__name__
-    if name in SGD_LIKE or name.lower() == "sgd":
-        return "sgd"
-    if name in ADAM_LIKE or name.lower() in {n.lower() for n in ADAM_LIKE}:
-        return "adam"
+    """``"sgd"``, ``"adam"`` or ``"other"`` from an optimizer (or its class name); a subclass of a torch optimizer
+    (``class MyAdamW(torch.optim.AdamW)``) is of its base's kind."""
+    names = [optimizer] if isinstance(optimizer, str) else [c.__name__ for c in type(optimizer).__mro__]
+    for name in names:
+        if name in SGD_LIKE or name.lower() == "sgd":
+            return "sgd"
+        if name in ADAM_LIKE or name.lower() in {n.lower() for n in ADAM_LIKE}:
+            return "adam"
     return "other"
 
 

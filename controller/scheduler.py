@@ -47,6 +47,8 @@ def _as_float(value: Any, name: str) -> float | None:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"{name} must be a real number, got a {value.dtype} tensor")
         return float(value.detach().item())
     try:
         return float(value)
@@ -347,8 +349,8 @@ class PolicyScheduler(LRScheduler):
         """
         val_loss = _as_float(metrics, "metrics")
         if val_loss is None:
-            if self.last_epoch < 0:  # the base class's initial call
-                self.last_epoch = 0
+            if self.last_epoch < 0 or getattr(self, "_is_initial", False):  # the base class's initial call
+                self.last_epoch = max(self.last_epoch, 0)
             elif not self._attached and (composite := _COMPOSITE_STEPS.get(sys._getframe(1).f_code)):
                 raise _composite_error(composite)
             elif not (self._attached or self._warned_no_metric or self.history):
@@ -401,7 +403,8 @@ class PolicyScheduler(LRScheduler):
             warnings.warn(
                 f"PolicyScheduler decision {self.last_epoch} exceeds total_epochs={self.total_epochs}: the policy "
                 "learned on runs that end at their budget, so from here it sees a finished run and decides outside "
-                "what it was trained on; pass the real budget (total_epochs=N or set_total_epochs(N)) (warned once)",
+                "what it was trained on; pass the real budget (total_epochs=N, or set_total_epochs(N), also after "
+                "load_state_dict, whose saved budget replaces the constructor's) (warned once)",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -526,6 +529,9 @@ class PolicyScheduler(LRScheduler):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the next decision is the one the saved run would have made.
 
+        As for torch's schedulers, the saved settings replace the constructor's (``total_epochs``, the initial
+        LR, ``min_lr`` / ``max_lr``); to train on past the saved budget, call :meth:`set_total_epochs` after this.
+
         Raises:
             ValueError: another version, unknown or missing keys, or malformed parts; the scheduler is then
                 left as it was.
@@ -557,6 +563,14 @@ class PolicyScheduler(LRScheduler):
         if not isinstance(state["history"], list) or not all(isinstance(h, dict) for h in state["history"]):
             raise ValueError("PolicyScheduler state 'history' must be a list of dicts")
         _check_plain_state(state)
+        features = state["features"]
+        saved_kind = features.get("optimizer_kind") if isinstance(features, dict) else None
+        if saved_kind is not None and saved_kind != self.features.optimizer_kind:
+            raise ValueError(
+                f"this PolicyScheduler state was saved with a {saved_kind!r} optimizer and this scheduler's is "
+                f"{self.features.optimizer_kind!r} ({type(self.optimizer).__name__}): the policy's optimizer feature "
+                "would be wrong; resume onto the same kind of optimizer, or start a new scheduler"
+            )
         self.features.load_state_dict(state.pop("features"))
         self._hook.load_state_dict(state.pop("hook"))
         self.history = [dict(h) for h in state.pop("history")]

@@ -297,6 +297,8 @@ class StepStatsHook:
             added later with ``add_param_group`` included. Sparse gradients (``nn.Embedding(sparse=True)``)
             and complex parameters are read as their dense, real equivalents.
 
+    The optimizer holds the hook weakly: keep a reference to it (a scheduler does), or it stops sampling.
+
     Example:
         >>> hook = StepStatsHook(optimizer)
         >>> for x, y in batches:

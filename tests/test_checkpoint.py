@@ -108,9 +108,15 @@ def test_crafted_pickle_is_refused_and_never_runs(tmp_path):
     # torch.save writes a zip with a pickle inside: refused as a zip, never unpickled
     torch_file = tmp_path / "evil.pt"
     torch.save({"x": _Payload(marker)}, torch_file)
-    with pytest.raises(ValueError, match="zip archive"):
+    with pytest.raises(ValueError, match=r"zip archive \(a torch.save file or a Stable-Baselines3 .zip\?\)"):
         load_policy(torch_file)
     assert not marker.exists()
+
+
+def test_an_empty_policy_path_is_named(tmp_path):
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match="policy path is empty: give a policy file, or None"):
+            load_policy(empty)
 
 
 def test_sb3_zip_is_refused(tmp_path):

@@ -112,6 +112,11 @@ def test_optimizer_kind():
     assert optimizer_kind(torch.optim.AdamW(p)) == "adam"
     assert optimizer_kind(torch.optim.Adagrad(p)) == "other"
 
+    class MyAdamW(torch.optim.AdamW):  # a subclass is of its base's kind
+        pass
+
+    assert optimizer_kind(MyAdamW(p)) == "adam" and optimizer_kind("MyAdamW") == "other"
+
 
 def test_hook_grad_norm_cosine_and_update_ratio_match_by_hand():
     torch.manual_seed(0)

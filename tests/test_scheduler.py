@@ -638,6 +638,9 @@ def test_bad_arguments_are_value_errors(tiny_mlp):
         sched.step(1.0, train_loss="1.1")
     with pytest.raises(ValueError, match="scalar"):
         sched.step(torch.ones(3))
+    for tensor in (torch.tensor(True), torch.tensor(1.0 + 0j)):  # float() takes both
+        with pytest.raises(ValueError, match="metrics must be a real number"):
+            sched.step(tensor)
     sched.observe_train_loss(0.9)
     with pytest.raises(ValueError, match=r"val_accuracy must be a fraction in \[0, 1\], got 85.0 \(a percentage"):
         sched.step(1.0, val_accuracy=85.0)
@@ -681,8 +684,15 @@ def test_bad_arguments_are_value_errors(tiny_mlp):
         fresh.load_state_dict({**before, "last_epoch": True})
     assert fresh.history == [] and fresh.last_epoch == 0  # a refused state changed nothing
     assert fresh.features.best_val is None and fresh.state_dict()["hook"]["steps"] == 0
+    adam = PolicyScheduler(torch.optim.Adam(model.parameters(), lr=0.01), total_epochs=5, policy=net)
+    with pytest.raises(ValueError, match="saved with a 'sgd' optimizer and this scheduler's is 'adam' \\(Adam\\)"):
+        adam.load_state_dict(before)  # the policy would read an SGD run's optimizer feature
     fresh.load_state_dict(before)
     assert fresh.state_dict() == before
+    # built with last_epoch (as torch schedulers allow): no metric-less-step warning at construction
+    with _no_other_warning():
+        resumed = PolicyScheduler(fresh.optimizer, total_epochs=5, policy=net, last_epoch=3)
+    assert resumed.last_epoch == 3
 
 
 def test_default_policy_runs_in_a_plain_loop(tiny_mlp):
