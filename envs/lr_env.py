@@ -46,6 +46,9 @@ class EnvConfig:
 
     def __post_init__(self) -> None:
         # one family by name (not its letters); a list becomes a tuple
+        if isinstance(self.families, (set, frozenset)):
+            raise ValueError("EnvConfig.families must be ordered (a tuple or list): a set's order changes between "
+                             "processes, so the same seed would draw other families")
         families = (self.families,) if isinstance(self.families, str) else tuple(self.families)
         object.__setattr__(self, "families", families)
         if not self.families:
@@ -62,6 +65,10 @@ class EnvConfig:
             raise ValueError(f"explode_ratio must be > 1, got {self.explode_ratio}")
         if self.reward not in ("log_val", "vs_cosine"):
             raise ValueError(f"reward must be 'log_val' or 'vs_cosine', got {self.reward!r}")
+        if not isinstance(self.action, ActionConfig):
+            raise ValueError(f"action must be a controller.actions.ActionConfig, got {self.action!r}")
+        if not isinstance(self.budget_is_terminal, bool):
+            raise ValueError(f"budget_is_terminal must be True or False, got {self.budget_is_terminal!r}")
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -223,6 +230,11 @@ def check_reset_options(options: dict[str, Any]) -> None:
     if "task" in options and len(options) > 1:
         raise ValueError(f"reset option 'task' fixes the whole task: {sorted(set(options) - {'task'})} would be "
                          "ignored; give it alone")
+    if "task" in options and not isinstance(options["task"], TaskConfig):
+        raise ValueError(f"reset option 'task' must be an envs.TaskConfig, got {options['task']!r} (a family name "
+                         "goes in 'family')")
+    if "family" in options and not isinstance(options["family"], str):
+        raise ValueError(f"reset option 'family' must be one family's name, got {options['family']!r}")
 
 
 class LRControlEnv(gym.Env):
@@ -323,6 +335,8 @@ class LRControlEnv(gym.Env):
         if episode.diverged:  # the first epoch already diverged: nothing left to control
             assert self._last_obs is not None
             return self._last_obs.copy(), -self.config.divergence_penalty, True, False, dict(self._last_info)
+        if action is None or isinstance(action, (str, bytes)):
+            raise ValueError(f"an action is one number a in [-1, 1] (the LR becomes lr·2^a), got {action!r}")
         flat = np.asarray(action, dtype=np.float64).reshape(-1)
         if flat.size != 1:
             raise ValueError(f"an action is one number a in [-1, 1] (the LR becomes lr·2^a), "
@@ -331,6 +345,14 @@ class LRControlEnv(gym.Env):
         obs, reward, terminated, truncated, info = episode.advance(self.run.run_epoch(), self.run.lr)
         self._last_obs, self._last_info = obs, info
         return obs, reward, terminated, truncated, info
+
+    def render(self) -> None:
+        """Nothing to render (``render_mode`` is always None)."""
+        return None
+
+    def close(self) -> None:
+        """Free the inner run (model, optimizer, data); ``reset()`` starts a new one."""
+        self.run, self.episode = None, None
 
     def test_loss(self) -> tuple[float, float | None]:
         """The current model's loss and accuracy on the test split (for reporting only)."""

@@ -182,6 +182,24 @@ def test_bad_reset_options_and_config_are_refused():
     assert EnvConfig(families="digits_mlp").families == ("digits_mlp",)  # type: ignore[arg-type]
     pair = EnvConfig(families=["digits_mlp", "wine_mlp"])  # type: ignore[arg-type]
     assert pair.families == ("digits_mlp", "wine_mlp")
+    with pytest.raises(ValueError, match="families must be ordered"):  # a set's order depends on PYTHONHASHSEED
+        EnvConfig(families={"digits_mlp", "wine_mlp"})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="action must be a controller.actions.ActionConfig"):
+        EnvConfig(action=None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="budget_is_terminal must be True or False"):
+        EnvConfig(budget_is_terminal="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="reset option 'task' must be an envs.TaskConfig, got 'wine_mlp'"):
+        env.reset(seed=0, options={"task": "wine_mlp"})
+    with pytest.raises(ValueError, match="reset option 'family' must be one family's name"):
+        env.reset(seed=0, options={"family": ["wine_mlp"]})
+    env.reset(seed=0, options={"task": task})
+    for action in (None, "0.5"):
+        with pytest.raises(ValueError, match="an action is one number"):
+            env.step(action)
+    assert env.render() is None
+    env.close()
+    with pytest.raises(RuntimeError, match=r"call reset\(\) before step\(\)"):  # closed: its inner run is freed
+        env.step(np.zeros(1, dtype=np.float32))
 
 
 def test_budget_is_terminal_for_rl_training():
