@@ -28,6 +28,10 @@ _COMPOSITE_STEPS = {cls.step.__code__: cls.__name__ for cls in (SequentialLR, Ch
 decides."""
 
 
+_RECURSIVE_UNDO = SequentialLR.recursive_undo.__code__
+"""What ``SequentialLR.__init__`` calls on every scheduler it is given (``hasattr(s, "_schedulers")``)."""
+
+
 def _composite_error(name: str) -> TypeError:
     return TypeError(
         f"PolicyScheduler cannot run inside {name}: it decides from the validation loss, which {name} never passes "
@@ -498,8 +502,10 @@ class PolicyScheduler(LRScheduler):
     @property
     def _schedulers(self) -> list[LRScheduler]:
         """Refuses ``SequentialLR``, which asks every scheduler it is given for this (``recursive_undo``): so its
-        construction fails at once rather than after epochs of constant LR."""
-        raise _composite_error("SequentialLR")
+        construction fails at once rather than after epochs of constant LR. For anyone else it does not exist."""
+        if sys._getframe(1).f_code is _RECURSIVE_UNDO:
+            raise _composite_error("SequentialLR")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute '_schedulers'")
 
     def _update_lr(self, epoch: int | None = None) -> None:
         """What ``SequentialLR`` calls at a milestone (``PolicyScheduler.step`` never does): refused, as above."""

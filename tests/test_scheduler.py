@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import inspect
 import io
 import math
 import warnings
@@ -329,6 +330,8 @@ def test_sequential_lr_is_refused_when_it_is_built(tiny_mlp, policy_first):
         torch.optim.lr_scheduler.SequentialLR(opt, schedulers, milestones=[3])
     with pytest.raises(TypeError, match="cannot run inside SequentialLR"):
         sched._update_lr(0)  # what SequentialLR calls at its milestone, should it stop asking for _schedulers
+    assert not hasattr(sched, "_schedulers")  # only SequentialLR's question is refused: introspection sees nothing
+    inspect.getmembers(sched)
 
 
 def test_chained_scheduler_is_refused_at_its_first_step(tiny_mlp):
