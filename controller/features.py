@@ -49,6 +49,7 @@ N_FEATURES = len(FEATURE_NAMES)
 
 SGD_LIKE = frozenset({"SGD"})
 ADAM_LIKE = frozenset({"Adam", "AdamW", "NAdam", "RAdam", "Adamax"})
+_ADAM_LIKE_LOWER = frozenset(n.lower() for n in ADAM_LIKE)
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer | str) -> str:
@@ -58,7 +59,7 @@ def optimizer_kind(optimizer: torch.optim.Optimizer | str) -> str:
     for name in names:
         if name in SGD_LIKE or name.lower() == "sgd":
             return "sgd"
-        if name in ADAM_LIKE or name.lower() in {n.lower() for n in ADAM_LIKE}:
+        if name in ADAM_LIKE or name.lower() in _ADAM_LIKE_LOWER:
             return "adam"
     return "other"
 

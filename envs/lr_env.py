@@ -335,12 +335,11 @@ class LRControlEnv(gym.Env):
         if episode.diverged:  # the first epoch already diverged: nothing left to control
             assert self._last_obs is not None
             return self._last_obs.copy(), -self.config.divergence_penalty, True, False, dict(self._last_info)
-        if action is None or isinstance(action, (str, bytes)):
-            raise ValueError(f"an action is one number a in [-1, 1] (the LR becomes lr·2^a), got {action!r}")
-        flat = np.asarray(action, dtype=np.float64).reshape(-1)
-        if flat.size != 1:
-            raise ValueError(f"an action is one number a in [-1, 1] (the LR becomes lr·2^a), "
-                             f"got shape {np.shape(action)}")
+        numeric = action is not None and not isinstance(action, (str, bytes))  # np.asarray reads None and "0.5"
+        flat = np.asarray(action, dtype=np.float64).reshape(-1) if numeric else None
+        if flat is None or flat.size != 1:
+            got = f"shape {np.shape(action)}" if numeric else repr(action)
+            raise ValueError(f"an action is one number a in [-1, 1] (the LR becomes lr·2^a), got {got}")
         self.run.set_lr(episode.decide(self.run.lr, float(flat[0])))
         obs, reward, terminated, truncated, info = episode.advance(self.run.run_epoch(), self.run.lr)
         self._last_obs, self._last_info = obs, info
