@@ -94,7 +94,12 @@ def evaluation_tasks(family: str, seeds: int, multiplier: float, base_seed: int 
     return [fam.sample(np.random.default_rng([base_seed + i, key]), lr_multiplier=multiplier) for i in range(seeds)]
 
 
-def _make_baseline(name: str, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Any:
+def make_baseline(name: str, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Any:
+    """The scheduler of baseline ``name`` (one of :data:`BASELINES`; None for ``constant``), as this protocol runs it.
+
+    ``onecycle`` steps after every optimizer step, ``plateau`` after each epoch with the validation loss, ``cosine``
+    and ``step`` after each epoch with no argument.
+    """
     sched = torch.optim.lr_scheduler
     if name == "constant":
         return None
@@ -139,7 +144,7 @@ def run_schedule(
             raise ValueError("schedule 'policy' needs a policy")
         scheduler: Any = PolicyScheduler(optimizer, total_epochs=task.epochs, policy=policy)
     else:
-        scheduler = _make_baseline(schedule, optimizer, task.epochs, steps_per_epoch)
+        scheduler = make_baseline(schedule, optimizer, task.epochs, steps_per_epoch)
         if schedule == "onecycle":
             after_step = scheduler.step
     for epoch in range(1, task.epochs + 1):

@@ -1,0 +1,226 @@
+"""The bundled policy on training setups unlike any task family of this repository, run as a user runs it.
+
+The evaluation of ``train_controller.py evaluate`` draws its tasks from the repository's task families. This script
+checks the policy outside them, in a plain training loop that calls ``PolicyScheduler.step`` as the README shows.
+Six scenarios, each a way in which a user's run can differ from everything the policy trained on (at most ~3,000
+samples, 10-40 epochs, <= ~150k parameters, SGD with momentum 0.9, Adam or AdamW, minibatches):
+
+- ``iris_fullbatch``: iris (an unused dataset), full-batch Adam: one optimizer step per epoch, 100 epochs.
+- ``circles_plain_sgd``: two circles, SGD with no momentum (its usual LR is not SGD-with-momentum's).
+- ``regression_large_scale``: a regression on unscaled targets (a mean squared error of ~1e4 at the start).
+- ``rmsprop``: RMSprop, an optimizer the policy never saw (its optimizer features both read 0).
+- ``long_100_epochs``: a 100-epoch budget on a noisy classification (2.5x the longest training budget).
+- ``wide_1M_params``: an MLP of 1.1M parameters (7x the largest trained on).
+
+They were written down before the policy ran on any of them, and nothing was trained, selected or tuned on them.
+Each starts at x0.1, x1 and x10 its usual LR under: the policy (for classification, once with ``val_accuracy`` and
+once without, as the README's loop passes none), constant, cosine annealing, OneCycle and ReduceLROnPlateau (the
+definitions of :func:`envs.evaluation.make_baseline`). Score as in the model card: final test loss / the best final
+test loss of cosine annealing over the LR grid ``envs.evaluation.ORACLE_GRID`` (x1/27 ... x27 the usual LR), capped at
+``RATIO_CAP`` (a diverged run scores the cap); each cell is the mean +- std over seeds (a seed draws the data, its
+split and the initialisation). Data: 60 % train, 20 % validation (what the schedules see), 20 % test.
+
+    python docs/outside_suite.py                       # 5 seeds, ~12 min on 2 cores; prints a Markdown table
+    python docs/outside_suite.py --seeds 1 --scenarios iris_fullbatch --out /tmp/o.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn import datasets
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
+from controller import PolicyScheduler  # noqa: E402
+from envs.evaluation import MULTIPLIERS, ORACLE_GRID, RATIO_CAP, make_baseline, make_pool, ratio_to  # noqa: E402
+
+SCHEDULES = ("policy", "policy_no_acc", "constant", "cosine", "onecycle", "plateau")
+"""``policy_no_acc``: the policy given no validation accuracy (classification only)."""
+
+
+@dataclass
+class Scenario:
+    data: Callable[[int], tuple[np.ndarray, np.ndarray]]  # seed -> (X, y)
+    model: Callable[[], nn.Module]
+    optimizer: str
+    lr: float  # the usual LR for this optimizer and model
+    batch: int  # 0: full batch
+    epochs: int
+    regression: bool = False
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "iris_fullbatch": Scenario(
+        lambda seed: datasets.load_iris(return_X_y=True),
+        lambda: nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 3)), "adam", 1e-3, 0, 100),
+    "circles_plain_sgd": Scenario(
+        lambda seed: datasets.make_circles(1500, noise=0.1, factor=0.5, random_state=seed),
+        lambda: nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)),
+        "sgd", 0.05, 32, 40),
+    "regression_large_scale": Scenario(
+        lambda seed: datasets.make_regression(2000, 20, n_informative=10, noise=10.0, random_state=seed),
+        lambda: nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 1)), "adam", 1e-3, 64, 30, regression=True),
+    "rmsprop": Scenario(
+        lambda seed: datasets.make_classification(2000, 20, n_informative=10, n_classes=5, random_state=seed),
+        lambda: nn.Sequential(nn.Linear(20, 128), nn.ReLU(), nn.Linear(128, 5)), "rmsprop", 1e-3, 64, 30),
+    "long_100_epochs": Scenario(
+        lambda seed: datasets.make_classification(2000, 20, n_informative=8, n_classes=4, flip_y=0.05,
+                                                  random_state=seed),
+        lambda: nn.Sequential(nn.Linear(20, 128), nn.ReLU(), nn.Linear(128, 4)), "adamw", 1e-3, 128, 100),
+    "wide_1M_params": Scenario(
+        lambda seed: datasets.make_classification(2000, 50, n_informative=20, n_classes=10, random_state=seed),
+        lambda: nn.Sequential(nn.Linear(50, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)),
+        "adam", 1e-3, 128, 15),
+}
+
+OPTIMIZERS: dict[str, Callable[[Any, float], torch.optim.Optimizer]] = {
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.01),
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),  # no momentum
+    "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
+}
+
+
+def splits(name: str, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(train, validation, test) tensors: a seeded 60/20/20 split, features standardised on the training part."""
+    scenario = SCENARIOS[name]
+    x, y = scenario.data(seed)
+    order = np.random.default_rng(seed).permutation(len(x))
+    parts = np.split(order, [int(0.6 * len(x)), int(0.8 * len(x))])
+    mean, std = x[parts[0]].mean(0), x[parts[0]].std(0) + 1e-8
+    xt = torch.tensor((x - mean) / std, dtype=torch.float32)
+    yt = torch.tensor(y, dtype=torch.float32 if scenario.regression else torch.long)
+    return [(xt[p], yt[p]) for p in parts]
+
+
+def run(job: tuple[str, int, float, str]) -> dict[str, Any]:
+    """One training run: ``(scenario, seed, LR multiplier, schedule)`` -> its final test loss and LR path."""
+    name, seed, multiplier, schedule = job
+    torch.set_num_threads(1)
+    scenario = SCENARIOS[name]
+    (x, y), (x_val, y_val), (x_test, y_test) = splits(name, seed)
+    torch.manual_seed(seed)
+    model = scenario.model()
+    optimizer = OPTIMIZERS[scenario.optimizer](model.parameters(), scenario.lr * abs(multiplier))  # < 0: oracle grid
+    batch = scenario.batch or len(x)
+    steps = math.ceil(len(x) / batch)
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out.squeeze(-1), target) if scenario.regression else F.cross_entropy(out, target)
+
+    policy = schedule.startswith("policy")
+    scheduler = PolicyScheduler(optimizer, total_epochs=scenario.epochs) if policy else make_baseline(
+        schedule, optimizer, scenario.epochs, steps)
+    generator = torch.Generator().manual_seed(seed)
+    lrs, diverged = [], False
+    for epoch in range(1, scenario.epochs + 1):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        model.train()
+        total = 0.0
+        for index in torch.randperm(len(x), generator=generator).split(batch):
+            optimizer.zero_grad()
+            loss = loss_fn(model(x[index]), y[index])
+            loss.backward()
+            optimizer.step()
+            if schedule == "onecycle":
+                scheduler.step()
+            total += loss.item()
+        model.eval()
+        with torch.no_grad():
+            out = model(x_val)
+            val_loss = loss_fn(out, y_val).item()
+            accuracy = None if scenario.regression else (out.argmax(-1) == y_val).float().mean().item()
+        if not (math.isfinite(total) and math.isfinite(val_loss)):
+            diverged = True
+            break
+        if epoch == scenario.epochs:
+            break
+        if policy:
+            scheduler.step(val_loss, train_loss=total / steps,
+                           val_accuracy=accuracy if schedule == "policy" else None)
+        elif schedule == "plateau":
+            scheduler.step(val_loss)
+        elif schedule == "cosine":
+            scheduler.step()
+    with torch.no_grad():
+        test = math.inf if diverged else loss_fn(model(x_test), y_test).item()
+    return {"scenario": name, "seed": seed, "multiplier": multiplier, "schedule": schedule,
+            "test_loss": test if math.isfinite(test) else None, "lrs": lrs}
+
+
+def jobs(names: list[str], seeds: int) -> list[tuple[str, int, float, str]]:
+    """The oracle's grid runs (negative multipliers) and every schedule at each multiplier, for every seed."""
+    out: list[tuple[str, int, float, str]] = []
+    for name in names:
+        for seed in range(seeds):
+            out += [(name, seed, -grid, "cosine") for grid in ORACLE_GRID]
+            out += [(name, seed, m, s) for m in MULTIPLIERS for s in SCHEDULES
+                    if not (s == "policy_no_acc" and SCENARIOS[name].regression)]
+    return out
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """The Markdown table: per scenario and initial LR, mean +- std over seeds of each schedule's ratio to the oracle."""
+    oracle: dict[tuple[str, int], float] = {}
+    for r in records:
+        if r["multiplier"] < 0:
+            key = (r["scenario"], r["seed"])
+            oracle[key] = min(oracle.get(key, math.inf), math.inf if r["test_loss"] is None else r["test_loss"])
+    cells: dict[tuple[str, float, str], list[float]] = {}
+    for r in records:
+        if r["multiplier"] > 0:
+            test = math.inf if r["test_loss"] is None else r["test_loss"]
+            ratio = ratio_to(test, oracle[(r["scenario"], r["seed"])])
+            cells.setdefault((r["scenario"], r["multiplier"], r["schedule"]), []).append(ratio)
+    lines = ["| scenario | init LR | " + " | ".join(SCHEDULES) + " |", "|---|---|" + "---|" * len(SCHEDULES)]
+    for name in dict.fromkeys(r["scenario"] for r in records):
+        for m in MULTIPLIERS:
+            row = []
+            for s in SCHEDULES:
+                v = cells.get((name, m, s))
+                row.append("—" if not v else f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f}")
+            best = min(statistics.mean(v) for s in SCHEDULES if (v := cells.get((name, m, s))))
+            row = [f"**{c}**" if c != "—" and float(c.split()[0]) == round(best, 2) else c for c in row]
+            lines.append(f"| {name} | ×{m:g} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per scenario (default 5)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated (default: all six)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU)")
+    parser.add_argument("--out", type=Path, default=None, help="also write every run's result here (JSON)")
+    args = parser.parse_args()
+    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    if unknown := [n for n in names if n not in SCENARIOS]:
+        parser.error(f"--scenarios: unknown {unknown}; known: {', '.join(SCENARIOS)}")
+    if args.seeds < 1 or (args.workers is not None and args.workers < 1):
+        parser.error("--seeds and --workers must be >= 1")
+    if not names:
+        parser.error("--scenarios: none given")
+    from tqdm import tqdm
+
+    todo = jobs(names, args.seeds)
+    with make_pool(args.workers) as pool:
+        records = list(tqdm(pool.map(run, todo), total=len(todo), desc="runs", unit="run"))
+    if args.out is not None:
+        args.out.write_text(json.dumps({"seeds": args.seeds, "ratio_cap": RATIO_CAP, "records": records}) + "\n")
+    print(f"\nfinal test loss / the best cosine run over the LR grid; mean ± std over {args.seeds} seed(s)\n")
+    print(table(records))
+
+
+if __name__ == "__main__":
+    main()

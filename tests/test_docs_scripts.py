@@ -1,0 +1,45 @@
+"""The scripts under docs/ that make the README's picture and the model card's check outside the suite: they run as
+their docstrings say, on real training runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(DOCS / script), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_history_plot_draws_a_real_run(tmp_path):
+    out = tmp_path / "history.png"
+    result = run("make_history_plot.py", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_outside_suite_runs_every_schedule_and_the_oracle(tmp_path):
+    out = tmp_path / "outside.json"
+    result = run("outside_suite.py", "--seeds", "1", "--scenarios", "iris_fullbatch", "--workers", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    records = json.loads(out.read_text())["records"]
+    oracle = [r for r in records if r["multiplier"] < 0]
+    assert sorted(-r["multiplier"] for r in oracle) == sorted(3.0**k for k in range(-3, 4))
+    runs = {(r["multiplier"], r["schedule"]): r for r in records if r["multiplier"] > 0}
+    schedules = ("policy", "policy_no_acc", "constant", "cosine", "onecycle", "plateau")
+    assert set(runs) == {(m, s) for m in (0.1, 1.0, 10.0) for s in schedules}
+    assert all(len(r["lrs"]) == 100 for r in records)  # iris: 100 epochs, none diverged
+    for m in (0.1, 1.0, 10.0):
+        assert len(set(runs[m, "constant"]["lrs"])) == 1
+        assert len(set(runs[m, "policy"]["lrs"])) > 1  # the policy decided (full batch: one optimizer step an epoch)
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| iris_fullbatch")]
+    assert len(rows) == 3 and all(row.count("±") == len(schedules) for row in rows)
+
+
+def test_outside_suite_refuses_an_unknown_scenario():
+    result = run("outside_suite.py", "--scenarios", "iris_fullbatch,nope")
+    assert result.returncode == 2 and "unknown ['nope']" in result.stderr
