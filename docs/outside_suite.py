@@ -17,11 +17,13 @@ Each starts at x0.1, x1 and x10 its usual LR under: the policy (for classificati
 once without, as the README's loop passes none), constant, cosine annealing, OneCycle and ReduceLROnPlateau (the
 definitions of :func:`envs.evaluation.make_baseline`). Score as in the model card: final test loss / the best final
 test loss of cosine annealing over the LR grid ``envs.evaluation.ORACLE_GRID`` (x1/27 ... x27 the usual LR), capped at
-``RATIO_CAP`` (a diverged run scores the cap); each cell is the mean +- std over seeds (a seed draws the data, its
-split and the initialisation). Data: 60 % train, 20 % validation (what the schedules see), 20 % test.
+``RATIO_CAP`` (a diverged run scores the cap). A seed draws the data, its split and the initialisation; the first
+table is, per seed, the geometric mean over scenarios (mean +- std over seeds), the second each scenario's mean +- std
+over seeds. Data: 60 % train, 20 % validation (what the schedules see), 20 % test.
 
-    python docs/outside_suite.py                       # 5 seeds, ~12 min on 2 cores; prints a Markdown table
-    python docs/outside_suite.py --seeds 1 --scenarios iris_fullbatch --out /tmp/o.json
+    python docs/outside_suite.py --out o.json          # 5 seeds, ~12 min on 2 cores; prints Markdown tables
+    python docs/outside_suite.py --tables o.json       # the tables again, from the saved runs
+    python docs/outside_suite.py --seeds 1 --scenarios iris_fullbatch
 """
 
 from __future__ import annotations
@@ -171,29 +173,49 @@ def jobs(names: list[str], seeds: int) -> list[tuple[str, int, float, str]]:
     return out
 
 
-def table(records: list[dict[str, Any]]) -> str:
-    """The Markdown table: per scenario and initial LR, mean +- std over seeds of each schedule's ratio to the oracle."""
+def ratios(records: list[dict[str, Any]]) -> dict[tuple[str, float, str], dict[int, float]]:
+    """``(scenario, multiplier, schedule) -> {seed: ratio to the oracle}``. On a regression the policy gets no accuracy
+    either way, so its run also stands for ``policy_no_acc``."""
     oracle: dict[tuple[str, int], float] = {}
     for r in records:
         if r["multiplier"] < 0:
             key = (r["scenario"], r["seed"])
             oracle[key] = min(oracle.get(key, math.inf), math.inf if r["test_loss"] is None else r["test_loss"])
-    cells: dict[tuple[str, float, str], list[float]] = {}
+    cells: dict[tuple[str, float, str], dict[int, float]] = {}
     for r in records:
         if r["multiplier"] > 0:
             test = math.inf if r["test_loss"] is None else r["test_loss"]
             ratio = ratio_to(test, oracle[(r["scenario"], r["seed"])])
-            cells.setdefault((r["scenario"], r["multiplier"], r["schedule"]), []).append(ratio)
-    lines = ["| scenario | init LR | " + " | ".join(SCHEDULES) + " |", "|---|---|" + "---|" * len(SCHEDULES)]
-    for name in dict.fromkeys(r["scenario"] for r in records):
+            names = [r["schedule"]] + (["policy_no_acc"] if r["schedule"] == "policy" and
+                                       SCENARIOS[r["scenario"]].regression else [])
+            for name in names:
+                cells.setdefault((r["scenario"], r["multiplier"], name), {})[r["seed"]] = ratio
+    return cells
+
+
+def _row(values: list[list[float]]) -> list[str]:
+    """``mean ± std`` per schedule, the lowest mean in bold."""
+    means = [statistics.mean(v) for v in values]
+    return [("**{}**" if m == min(means) else "{}").format(f"{m:.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f}")
+            for m, v in zip(means, values)]
+
+
+def tables(records: list[dict[str, Any]]) -> str:
+    """Markdown: per initial LR, the geometric mean over scenarios (per seed; mean ± std over seeds), then each
+    scenario's mean ± std over seeds."""
+    cells = ratios(records)
+    names = list(dict.fromkeys(r["scenario"] for r in records))
+    seeds = sorted({r["seed"] for r in records})
+    header = "| schedule | " + " | ".join(f"×{m:g}" for m in MULTIPLIERS) + " |"
+    columns = {m: _row([[math.exp(statistics.mean(math.log(cells[n, m, s][seed]) for n in names)) for seed in seeds]
+                        for s in SCHEDULES]) for m in MULTIPLIERS}
+    lines = [header, "|---|" + "---|" * len(MULTIPLIERS)]
+    lines += [f"| {s} | " + " | ".join(columns[m][i] for m in MULTIPLIERS) + " |" for i, s in enumerate(SCHEDULES)]
+    lines += ["", "| scenario | init LR | " + " | ".join(SCHEDULES) + " |", "|---|---|" + "---|" * len(SCHEDULES)]
+    for n in names:
         for m in MULTIPLIERS:
-            row = []
-            for s in SCHEDULES:
-                v = cells.get((name, m, s))
-                row.append("—" if not v else f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f}")
-            best = min(statistics.mean(v) for s in SCHEDULES if (v := cells.get((name, m, s))))
-            row = [f"**{c}**" if c != "—" and float(c.split()[0]) == round(best, 2) else c for c in row]
-            lines.append(f"| {name} | ×{m:g} | " + " | ".join(row) + " |")
+            lines.append(f"| {n} | ×{m:g} | " + " | ".join(_row([list(cells[n, m, s].values()) for s in SCHEDULES]))
+                         + " |")
     return "\n".join(lines)
 
 
@@ -203,7 +225,18 @@ def main() -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated (default: all six)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU)")
     parser.add_argument("--out", type=Path, default=None, help="also write every run's result here (JSON)")
+    parser.add_argument("--tables", type=Path, default=None, metavar="JSON",
+                        help="print the tables of a saved --out file instead of running anything")
     args = parser.parse_args()
+    if args.tables is not None:
+        try:
+            saved = json.loads(args.tables.read_text())
+            records, seeds = saved["records"], saved["seeds"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            parser.error(f"--tables: {args.tables} is no saved --out file ({type(err).__name__}: {err})")
+        print(f"final test loss / the best cosine run over the LR grid; mean ± std over {seeds} seed(s)\n")
+        print(tables(records))
+        return
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     if unknown := [n for n in names if n not in SCENARIOS]:
         parser.error(f"--scenarios: unknown {unknown}; known: {', '.join(SCENARIOS)}")
@@ -219,7 +252,7 @@ def main() -> None:
     if args.out is not None:
         args.out.write_text(json.dumps({"seeds": args.seeds, "ratio_cap": RATIO_CAP, "records": records}) + "\n")
     print(f"\nfinal test loss / the best cosine run over the LR grid; mean ± std over {args.seeds} seed(s)\n")
-    print(table(records))
+    print(tables(records))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,17 @@ def test_outside_suite_runs_every_schedule_and_the_oracle(tmp_path):
         assert len(set(runs[m, "policy"]["lrs"])) > 1  # the policy decided (full batch: one optimizer step an epoch)
     rows = [line for line in result.stdout.splitlines() if line.startswith("| iris_fullbatch")]
     assert len(rows) == 3 and all(row.count("±") == len(schedules) for row in rows)
+    summary = [line for line in result.stdout.splitlines() if line.startswith("| policy")]
+    assert len(summary) == 2 and all(line.count("±") == 3 for line in summary)  # policy, policy_no_acc at x0.1/x1/x10
+    reprinted = run("outside_suite.py", "--tables", str(out))  # the tables again from the saved file, no training
+    assert reprinted.returncode == 0 and reprinted.stdout.strip() in result.stdout, reprinted.stderr
+
+
+def test_outside_suite_refuses_a_file_that_is_no_saved_run(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"records": 1}')
+    result = run("outside_suite.py", "--tables", str(bad))
+    assert result.returncode == 2 and "is no saved --out file" in result.stderr
 
 
 def test_outside_suite_refuses_an_unknown_scenario():
