@@ -332,8 +332,8 @@ class Validator:
     def __call__(self, net: PolicyNet) -> tuple[float, dict[str, float], list[RunRecord], list[RunRecord]]:
         device = self.device
         if self._cosine is None:
-            self._cosine = run_jobs([(t, "cosine", None, i, m, device) for f, i, m, t in self.tasks], self.pool)
-        policy = run_jobs([(t, "policy", net, i, m, device) for f, i, m, t in self.tasks], self.pool)
+            self._cosine = run_jobs([(t, "cosine", None, i, m, device, True) for f, i, m, t in self.tasks], self.pool)
+        policy = run_jobs([(t, "policy", net, i, m, device, True) for f, i, m, t in self.tasks], self.pool)
         ratios = [ratio_to(p.final_val, c.final_val) for p, c in zip(policy, self._cosine)]
         metrics = {"val/ratio_vs_cosine": geomean(ratios)}
         for m in MULTIPLIERS:
@@ -783,7 +783,8 @@ def format_table(ev: Evaluation) -> str:
 
 
 def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path, tracking_uri: str | None,
-             experiment: str, workers: int, device: str = "cpu", show_progress: bool = True) -> Evaluation:
+             experiment: str, workers: int, device: str = "cpu", show_progress: bool = True,
+             policy_accuracy: bool = True) -> Evaluation:
     """Run the evaluation protocol of ``envs.evaluation`` and report it (table, JSON, PNG, MLflow)."""
     try:
         device = str(resolve_device(device))
@@ -805,7 +806,8 @@ def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path
     try:
         with _sigterm_as_keyboard_interrupt(), tqdm(total=total, unit="run", desc="evaluate", disable=not show_progress,
                                                     mininterval=0.1 if sys.stderr.isatty() else 60.0) as bar:
-            ev = evaluate_policy(net, families, seeds=seeds, device=device, pool=pool, progress=bar.update)
+            ev = evaluate_policy(net, families, seeds=seeds, device=device, pool=pool, progress=bar.update,
+                                 policy_accuracy=policy_accuracy)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the workers too (the queued runs are dropped, not waited for)
         click.echo(f"\ninterrupted: nothing written to {out}", err=True)
         raise
@@ -827,7 +829,8 @@ def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path
     tracker = Tracker(out)
     with mlflow.start_run(run_name="evaluate"):
         tracker.call("params", lambda: mlflow.log_params({"policy": str(policy or "default"), "families":
-                                                           ",".join(families), "seeds": seeds}))
+                                                           ",".join(families), "seeds": seeds,
+                                                           "policy_accuracy": policy_accuracy}))
         metrics = {f"{s}/x{m:g}": ev.aggregate(s, m)[0] for s in ev.schedules for m in ev.multipliers}
         tracker.log_metrics(metrics, 0)
         for path in (out / "evaluation.json", out / "evaluation.txt", png):
@@ -967,12 +970,15 @@ def export_command(source: Path, out: Path) -> None:
 @click.option("--experiment", default="lrcontrol-evaluation", help="MLflow experiment name.")
 @click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1, help="Parallel inner runs.")
 @click.option("--device", default="cpu", help='Device of the inner runs: cpu, cuda, cuda:N, or "auto" (CUDA when available).')
+@click.option("--no-accuracy", is_flag=True, help="Give the policy no validation accuracy (as a training loop that "
+              "passes only the losses). By default classification tasks pass it; the baselines never use it.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def evaluate_command(policy: Path | None, families: tuple[str, ...], seeds: int, out: Path, tracking_uri: str | None,
-                     experiment: str, workers: int, device: str, no_progress: bool) -> None:
+                     experiment: str, workers: int, device: str, no_accuracy: bool, no_progress: bool) -> None:
     """Compare a policy (run as controller.PolicyScheduler) with constant, cosine, step, OneCycle and
     ReduceLROnPlateau schedules, scored against a per-task cosine LR grid search (the oracle)."""
-    evaluate(policy, families, seeds, out, tracking_uri, experiment, workers, device, show_progress=not no_progress)
+    evaluate(policy, families, seeds, out, tracking_uri, experiment, workers, device, show_progress=not no_progress,
+             policy_accuracy=not no_accuracy)
 
 
 if __name__ == "__main__":

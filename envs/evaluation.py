@@ -5,7 +5,8 @@ Protocol (``evaluate_policy``):
 
 - tasks: ``seeds`` tasks per family, drawn with :meth:`TaskFamily.sample` (architecture, batch size,
   optimizer, epoch budget, seed), each started at ``multiplier`` × the family's default LR;
-- schedules: ``policy`` (``controller.PolicyScheduler``), ``constant``, ``cosine``
+- schedules: ``policy`` (``controller.PolicyScheduler``, given the validation accuracy of classification tasks
+  unless ``policy_accuracy=False``), ``constant``, ``cosine``
   (``CosineAnnealingLR`` to 0), ``step`` (×0.1 at 50 % and 75 % of the budget), ``onecycle``
   (``OneCycleLR`` with the initial LR as its peak, stepped per batch) and ``plateau``
   (``ReduceLROnPlateau``, patience 2, factor 0.5), each with the task's own optimizer;
@@ -123,6 +124,7 @@ def run_schedule(
     seed_index: int = 0,
     multiplier: float = math.nan,
     device: str = "cpu",
+    policy_accuracy: bool = True,
 ) -> RunRecord:
     """Train ``task`` for its epoch budget under ``schedule`` and record its curves.
 
@@ -132,6 +134,8 @@ def run_schedule(
         policy: the policy network for ``"policy"``, run through ``controller.PolicyScheduler``.
         seed_index, multiplier: stored in the record for reporting.
         device: where the inner run lives.
+        policy_accuracy: pass the validation accuracy of classification tasks to the policy's ``step`` (False: as a
+            loop that passes none).
     """
     run = TorchRun(task, device, hook=False)
     optimizer = run.task.optimizer
@@ -159,7 +163,7 @@ def run_schedule(
         if epoch == task.epochs:
             break
         if schedule == "policy":
-            scheduler.step(val_loss, train_loss=train_loss, val_accuracy=val_acc)
+            scheduler.step(val_loss, train_loss=train_loss, val_accuracy=val_acc if policy_accuracy else None)
         elif schedule == "plateau":
             scheduler.step(val_loss)
         elif schedule in ("cosine", "step"):
@@ -190,10 +194,15 @@ def geomean(values: Iterable[float]) -> float:
     return float(math.exp(np.mean(np.log(vals)))) if vals else math.nan
 
 
-def _job(args: tuple[TaskConfig, str, PolicyNet | None, int, float, str]) -> RunRecord:
-    task, schedule, policy, seed_index, multiplier, device = args
+Job = tuple[TaskConfig, str, PolicyNet | None, int, float, str, bool]
+"""One inner run: (task, schedule, policy, seed index, multiplier, device, policy_accuracy) for :func:`run_schedule`."""
+
+
+def _job(args: Job) -> RunRecord:
+    task, schedule, policy, seed_index, multiplier, device, accuracy = args
     torch.set_num_threads(1)
-    return run_schedule(task, schedule, policy, seed_index=seed_index, multiplier=multiplier, device=device)
+    return run_schedule(task, schedule, policy, seed_index=seed_index, multiplier=multiplier, device=device,
+                        policy_accuracy=accuracy)
 
 
 def exit_with(parent_pid: int) -> None:
@@ -237,7 +246,7 @@ def make_pool(workers: int | None = None) -> ProcessPoolExecutor:
 
 
 def run_jobs(
-    jobs: Sequence[tuple[TaskConfig, str, PolicyNet | None, int, float, str]],
+    jobs: Sequence[Job],
     pool: Executor | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[RunRecord]:
@@ -267,6 +276,8 @@ class Evaluation:
     records: list[RunRecord]
     oracle: dict[str, float]
     """``"family/seed"`` → the oracle's final test loss."""
+    policy_accuracy: bool = True
+    """Whether the policy was given the validation accuracy of classification tasks."""
 
     def ratio(self, record: RunRecord) -> float:
         return ratio_to(record.final_test, self.oracle[f"{record.family}/{record.seed}"])
@@ -309,7 +320,8 @@ class Evaluation:
         }
         return {
             "protocol": {"families": self.families, "seeds": self.seeds, "multipliers": self.multipliers,
-                         "oracle_grid": list(ORACLE_GRID), "ratio_cap": RATIO_CAP},
+                         "oracle_grid": list(ORACLE_GRID), "ratio_cap": RATIO_CAP,
+                         "policy_accuracy": self.policy_accuracy},
             "summary": summary,
             "per_family": per_family,
             "failures": {s: self.failures(s) for s in self.schedules},
@@ -328,19 +340,21 @@ def evaluate_policy(
     device: str = "cpu",
     pool: Executor | None = None,
     progress: Callable[[int], None] | None = None,
+    policy_accuracy: bool = True,
 ) -> Evaluation:
-    """The full protocol of this module's docstring: policy, baselines and oracle on ``families``."""
-    jobs: list[tuple[TaskConfig, str, PolicyNet | None, int, float, str]] = []
+    """The full protocol of this module's docstring: policy, baselines and oracle on ``families``
+    (``policy_accuracy=False``: the policy is given no validation accuracy, as a loop that passes none)."""
+    jobs: list[Job] = []
     for family in families:
         for multiplier in ORACLE_GRID:
             for i, task in enumerate(evaluation_tasks(family, seeds, multiplier)):
-                jobs.append((task, "cosine", None, i, -multiplier, device))  # negative: oracle grid
+                jobs.append((task, "cosine", None, i, -multiplier, device, True))  # negative: oracle grid
         for multiplier in multipliers:
             for i, task in enumerate(evaluation_tasks(family, seeds, multiplier)):
                 if policy is not None:
-                    jobs.append((task, "policy", policy, i, multiplier, device))
+                    jobs.append((task, "policy", policy, i, multiplier, device, policy_accuracy))
                 for name in baselines:
-                    jobs.append((task, name, None, i, multiplier, device))
+                    jobs.append((task, name, None, i, multiplier, device, True))
     records = run_jobs(jobs, pool, progress)
     oracle: dict[str, float] = {}
     for r in records:
@@ -352,7 +366,7 @@ def evaluate_policy(
                 oracle.setdefault(key, math.inf)
     schedules = (["policy"] if policy is not None else []) + list(baselines)
     return Evaluation(list(families), seeds, list(multipliers), schedules,
-                      [r for r in records if r.multiplier > 0], oracle)
+                      [r for r in records if r.multiplier > 0], oracle, policy_accuracy)
 
 
 def n_jobs(families: Sequence[str], seeds: int, multipliers: Sequence[float], n_schedules: int) -> int:

@@ -790,3 +790,27 @@ def test_resuming_a_finished_run_does_nothing_unless_given_more_timesteps(tmp_pa
     assert state["num_timesteps"] == 192 and state["finished"]
     status, _, best_logged, versions = logged()
     assert (status, best_logged, versions) == ("FINISHED", 2, 2)
+
+
+def test_evaluate_no_accuracy_gives_the_policy_only_the_losses(tmp_path):
+    """--no-accuracy runs the policy as a loop that passes no val_accuracy (the README's): its runs are those of
+    run_schedule(policy_accuracy=False), not the default's, and the JSON and MLflow say which."""
+    import mlflow
+
+    from envs.evaluation import evaluation_tasks, run_schedule
+
+    out, uri = tmp_path / "eval", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = CliRunner().invoke(tc.cli, ["evaluate", "--families", "wine_mlp", "--seeds", "1", "--out", str(out),
+                                         "--tracking-uri", uri, "--workers", "1", "--no-progress", "--no-accuracy"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["protocol"]["policy_accuracy"] is False
+    policy = {r["multiplier"]: r for r in report["records"] if r["schedule"] == "policy"}
+    task = evaluation_tasks("wine_mlp", 1, 1.0)[0]
+    without = run_schedule(task, "policy", load_policy(None), multiplier=1.0, policy_accuracy=False)
+    with_accuracy = run_schedule(task, "policy", load_policy(None), multiplier=1.0)
+    assert policy[1.0]["lrs"] == without.lrs and policy[1.0]["final_test"] == without.final_test
+    assert with_accuracy.lrs != without.lrs  # the accuracy feature moves the decisions on this classification task
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("lrcontrol-evaluation").experiment_id])
+    assert runs[0].data.params["policy_accuracy"] == "False"
