@@ -26,7 +26,7 @@ import select
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -125,6 +125,7 @@ def run_schedule(
     multiplier: float = math.nan,
     device: str = "cpu",
     policy_accuracy: bool = True,
+    policy_options: Mapping[str, Any] | None = None,
 ) -> RunRecord:
     """Train ``task`` for its epoch budget under ``schedule`` and record its curves.
 
@@ -136,6 +137,7 @@ def run_schedule(
         device: where the inner run lives.
         policy_accuracy: pass the validation accuracy of classification tasks to the policy's ``step`` (False: as a
             loop that passes none).
+        policy_options: more keyword arguments for the policy's ``PolicyScheduler`` (``min_lr``, ``max_lr``).
     """
     run = TorchRun(task, device, hook=False)
     optimizer = run.task.optimizer
@@ -146,7 +148,7 @@ def run_schedule(
     if schedule == "policy":
         if policy is None:
             raise ValueError("schedule 'policy' needs a policy")
-        scheduler: Any = PolicyScheduler(optimizer, total_epochs=task.epochs, policy=policy)
+        scheduler: Any = PolicyScheduler(optimizer, total_epochs=task.epochs, policy=policy, **(policy_options or {}))
     else:
         scheduler = make_baseline(schedule, optimizer, task.epochs, steps_per_epoch)
         if schedule == "onecycle":

@@ -54,3 +54,27 @@ def test_outside_suite_refuses_a_file_that_is_no_saved_run(tmp_path):
 def test_outside_suite_refuses_an_unknown_scenario():
     result = run("outside_suite.py", "--scenarios", "iris_fullbatch,nope")
     assert result.returncode == 2 and "unknown ['nope']" in result.stderr
+
+
+def test_tuned_start_runs_every_schedule_from_the_grid_point_the_validation_loss_picks(tmp_path):
+    from envs.evaluation import ORACLE_GRID, evaluation_tasks
+
+    out = tmp_path / "tuned.json"
+    result = run("tuned_start.py", "--families", "blobs_mlp", "--seeds", "1", "--workers", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    task = json.loads(out.read_text())["blobs_mlp/0"]
+    grid = [evaluation_tasks("blobs_mlp", 1, m)[0].lr for m in ORACLE_GRID]
+    assert task["tuned_lr"] in grid
+    schedules = ("policy", "policy_capped", "constant", "cosine", "onecycle", "plateau")
+    assert all(task[s]["lrs"][0] == task["tuned_lr"] for s in schedules if s != "onecycle")  # OneCycle: a peak
+    assert max(task["onecycle"]["lrs"]) <= task["tuned_lr"] * (1 + 1e-9)
+    assert max(task["policy_capped"]["lrs"]) <= task["tuned_lr"]  # max_lr: the capped policy only lowers the LR
+    assert task["cosine"]["ratio"] >= 1.0  # the cosine run from the tuned LR is one of the grid's: the oracle is <=
+    assert len(set(task["constant"]["lrs"])) == 1
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "±" in line]
+    assert [row.split("|")[1].strip() for row in rows] == list(schedules)
+
+
+def test_tuned_start_refuses_an_unknown_family():
+    result = run("tuned_start.py", "--families", "nope")
+    assert result.returncode == 2 and "unknown ['nope']" in result.stderr
