@@ -184,7 +184,8 @@ class PolicyScheduler(LRScheduler):
             ``optimizer.add_param_group``; per-group lists leave those unbounded. The factor is the
             first group's move after its bounds, so when that group is held at a bound all groups hold;
             another group held at its own bound returns to its ratio when the run's LR comes back.
-        max_lr: upper bound(s) on each group's LR, likewise (``inf``: none).
+        max_lr: upper bound(s) on each group's LR, likewise (``inf``: none). From an LR you have already tuned,
+            ``max_lr=<that LR>`` lets the policy only lower it (the model card measures what that changes).
         sync_ranks: under ``torch.distributed`` (DDP and the trainers that use it), average the losses
             over the ranks of the default process group and apply rank 0's decision on every rank, so
             that replicas keep one LR even when each passes its own local loss (``history`` records
