@@ -196,7 +196,7 @@ def ratios(records: list[dict[str, Any]]) -> dict[tuple[str, float, str], dict[i
 def _row(values: list[list[float]]) -> list[str]:
     """``mean ± std`` per schedule, the lowest mean in bold."""
     means = [statistics.mean(v) for v in values]
-    return [("**{}**" if m == min(means) else "{}").format(f"{m:.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f}")
+    return [("**{}**" if m == min(means) else "{}").format(f"{m:.2f} ± {statistics.pstdev(v):.2f}")
             for m, v in zip(means, values)]
 
 

@@ -88,7 +88,7 @@ def main() -> None:
     print("|---|---|" + "---|" * len(families))
     for s in SCHEDULES:
         per_seed = [math.exp(statistics.mean(math.log(ratio[(f, i), s]) for f in families)) for i in range(args.seeds)]
-        spread = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
+        spread = statistics.pstdev(per_seed)  # population std over seeds, as envs.evaluation reports
         cells = [f"{statistics.mean(ratio[(f, i), s] for i in range(args.seeds)):.2f}" for f in families]
         print(f"| {s} | {statistics.mean(per_seed):.3f} ± {spread:.3f} | " + " | ".join(cells) + " |")
 
