@@ -276,6 +276,7 @@ class LRControlEnv(gym.Env):
     untrained model's (divergence); when that happens in the first epoch, the first step ends the
     episode with the penalty. Truncated when the epoch budget is used up (an episode of budget E has E-1
     steps; terminated instead with ``EnvConfig(budget_is_terminal=True)``). Never raises for a bad LR, never emits NaN or inf in observations or rewards.
+    A step after the episode ended raises ``RuntimeError``: call ``reset()`` (vector envs do it for you).
 
     ## Arguments
     ``gymnasium.make("LRControl-v0", config=EnvConfig(...))``. ``reset(seed=..., options=...)``
@@ -302,6 +303,8 @@ class LRControlEnv(gym.Env):
         self.episode: Episode | None = None
         self._last_obs: np.ndarray | None = None
         self._last_info: dict[str, Any] = {}
+        self._ended = False
+        """True once a step returned terminated or truncated: the next step needs a reset()."""
 
     def sample_task(self, options: dict[str, Any] | None = None) -> TaskConfig:
         """The task of the next episode, drawn from ``self.np_random`` (see ``reset``'s options)."""
@@ -325,15 +328,20 @@ class LRControlEnv(gym.Env):
         self.episode = Episode(task, self.config, reference)
         initial_val, _ = self.run.evaluate("val")
         obs, info = self.episode.start(initial_val, self.run.run_epoch(), self.run.lr)
-        self._last_obs, self._last_info = obs, info
+        self._last_obs, self._last_info, self._ended = obs, info, False
         return obs, info
 
     def step(self, action: np.ndarray):  # type: ignore[override]
         if self.run is None or self.episode is None:
             raise RuntimeError("call reset() before step()")
         episode = self.episode
+        if self._ended:  # training on would run past the budget (progress > 1) or on from a diverged model
+            why = "diverged" if episode.diverged else f"used its budget of {episode.task.epochs} epochs"
+            raise RuntimeError(f"the episode ended (it {why}, and step() returned terminated or truncated): "
+                               "call reset() before step()")
         if episode.diverged:  # the first epoch already diverged: nothing left to control
             assert self._last_obs is not None
+            self._ended = True
             return self._last_obs.copy(), -self.config.divergence_penalty, True, False, dict(self._last_info)
         numeric = action is not None and not isinstance(action, (str, bytes))  # np.asarray reads None and "0.5"
         flat = np.asarray(action, dtype=np.float64).reshape(-1) if numeric else None
@@ -342,7 +350,7 @@ class LRControlEnv(gym.Env):
             raise ValueError(f"an action is one number a in [-1, 1] (the LR becomes lr·2^a), got {got}")
         self.run.set_lr(episode.decide(self.run.lr, float(flat[0])))
         obs, reward, terminated, truncated, info = episode.advance(self.run.run_epoch(), self.run.lr)
-        self._last_obs, self._last_info = obs, info
+        self._last_obs, self._last_info, self._ended = obs, info, terminated or truncated
         return obs, reward, terminated, truncated, info
 
     def render(self) -> None:

@@ -98,6 +98,8 @@ def test_huge_lr_ends_episode_cleanly_with_penalty():
         assert not truncated, "a x1e4 LR must diverge, not run out its budget"
     assert info["diverged"]
     assert total == pytest.approx(-3.0)
+    with pytest.raises(RuntimeError, match=r"episode ended \(it diverged.*call reset\(\)"):
+        env.step(np.array([0.0], dtype=np.float32))  # no second penalty, no epoch from a diverged model
 
 
 def test_action_scales_every_group_and_return_telescopes():
@@ -211,6 +213,11 @@ def test_budget_is_terminal_for_rl_training():
         assert not truncated
         done = terminated
     assert info["epoch"] == env.episode.task.epochs and not info["diverged"]
+    with pytest.raises(RuntimeError, match=r"used its budget of \d+ epochs.*call reset\(\)"):
+        env.step(np.zeros(1, dtype=np.float32))  # an epoch past the budget would read progress > 1
+    assert env.episode.epoch == info["epoch"]  # refused before training
+    env.reset(seed=1)
+    env.step(np.zeros(1, dtype=np.float32))  # a reset starts the next episode
 
 
 @pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
@@ -301,3 +308,5 @@ def test_divergence_after_some_steps_returns_minus_the_penalty():
         steps += 1
     assert term and not trunc and info["diverged"] and steps > 1
     assert total == pytest.approx(-3.0)
+    with pytest.raises(RuntimeError, match="episode ended"):
+        env.step(np.array([0.0], dtype=np.float32))
