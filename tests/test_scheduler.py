@@ -814,3 +814,32 @@ def test_a_resume_onto_an_optimizer_at_the_saved_lr_keeps_the_initial_lr():
         s.step(v, train_loss=v)
         s2.step(v, train_loss=v)
     assert s2.history == s.history and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+@no_training
+def test_a_state_saved_with_more_param_groups_is_refused_and_one_with_fewer_resumes():
+    """The per-group bounds and LRs of a state saved with more groups than this optimizer has would land on the
+    wrong groups: refused, nothing changed. A state saved with fewer (groups added since, as in progressive
+    unfreezing) resumes, and the extra group follows the factor as a group added later does."""
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    two = torch.optim.SGD([{"params": [a], "lr": 0.01}, {"params": [b], "lr": 0.02}])
+    s = PolicyScheduler(two, total_epochs=10, policy=constant_policy(-5.0), min_lr=[1e-4, 2e-4])
+    s.step(1.0, train_loss=1.0)
+    saved = s.state_dict()
+    one = PolicyScheduler(torch.optim.SGD([a], lr=0.01), total_epochs=10, policy=constant_policy(-5.0))
+    before = one.state_dict()
+    with pytest.raises(ValueError, match="saved with 2 param groups and this scheduler's optimizer has 1"):
+        one.load_state_dict(saved)
+    assert one.state_dict() == before
+    one.step(1.0, train_loss=1.0)
+    three = torch.optim.SGD([{"params": [a], "lr": two.param_groups[0]["lr"]},
+                             {"params": [b], "lr": two.param_groups[1]["lr"]},
+                             {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.03}])
+    resumed = PolicyScheduler(three, total_epochs=10, policy=constant_policy(-5.0))
+    resumed.load_state_dict(saved)
+    for v in (0.9, 0.8):
+        s.step(v, train_loss=v)
+        resumed.step(v, train_loss=v)
+    assert [g["lr"] for g in three.param_groups[:2]] == [g["lr"] for g in two.param_groups]
+    assert three.param_groups[2]["lr"] == pytest.approx(0.03 * 0.5**2)  # joined at its LR, then the factor
+    assert resumed.min_lrs == [1e-4, 2e-4, 0.0]  # the saved bounds; the list named no third group
