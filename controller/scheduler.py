@@ -6,6 +6,7 @@ import math
 import operator
 import sys
 import warnings
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ _COMPOSITE_STEPS = {cls.step.__code__: cls.__name__ for cls in (SequentialLR, Ch
 """The ``step`` code of the torch schedulers that step others with no metric: a PolicyScheduler they step never
 decides."""
 
+
+_LAST_DECIDER: weakref.WeakKeyDictionary[Optimizer, weakref.ref[PolicyScheduler]] = weakref.WeakKeyDictionary()
+"""The PolicyScheduler that last decided for each optimizer: two live ones taking turns both move its LR."""
 
 _RECURSIVE_UNDO = SequentialLR.recursive_undo.__code__
 """What ``SequentialLR.__init__`` calls on every scheduler it is given (``hasattr(s, "_schedulers")``)."""
@@ -167,9 +171,9 @@ class PolicyScheduler(LRScheduler):
     the policy's ``cut_factor`` (0.25 for the bundled policy), a warning is issued once, and training
     carries on. The LR is never set to NaN or 0. Losses must be positive (the features are log ratios
     of losses): a negative one is warned about once, and so are a decision past ``total_epochs``, one with no
-    optimizer step since the previous decision, and a metric-less ``step()`` call before any decision
+    optimizer step since the previous decision, a metric-less ``step()`` call before any decision
     with no trainer callback attached (a trainer without its callback, or a loop that calls ``step()`` as
-    for other schedulers).
+    for other schedulers), and two live PolicySchedulers that take turns deciding for one optimizer.
 
     Args:
         optimizer: any ``torch.optim.Optimizer``, any number of param groups, on CPU or CUDA. Groups
@@ -265,6 +269,9 @@ class PolicyScheduler(LRScheduler):
         self._warned_over_budget = False
         self._warned_no_steps = False
         self._warned_no_metric = False
+        self._decided = False
+        """True once this object has decided (in this process; a loaded state does not count)."""
+        self._warned_rival = False
         self._needs_callback: str | None = None
         """The callback a trainer integration needs to feed the training loss (set by its config helper; cleared
         once its absence has been warned about)."""
@@ -425,6 +432,21 @@ class PolicyScheduler(LRScheduler):
                 stacklevel=2,
             )
             self._warned_no_steps = True
+        last = _LAST_DECIDER.get(self.optimizer)
+        rival = last() if last is not None else None
+        if rival is not None and rival is not self and self._decided and not self._warned_rival:
+            # both decided since this one's previous decision (a replacement never decides again: no warning)
+            warnings.warn(
+                "another PolicyScheduler decides for this optimizer too, so its LR moves twice an epoch, once by "
+                "each: keep one (a replaced scheduler must stop stepping; `del` it, or drop your reference) "
+                "(warned once)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._warned_rival = True
+        if rival is not self:
+            _LAST_DECIDER[self.optimizer] = weakref.ref(self)
+        self._decided = True
         obs = self.features.observe(
             epoch=self.last_epoch, lr=lr, train_loss=train, val_loss=val_loss, val_accuracy=accuracy, stats=stats,
         )

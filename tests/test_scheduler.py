@@ -843,3 +843,29 @@ def test_a_state_saved_with_more_param_groups_is_refused_and_one_with_fewer_resu
     assert [g["lr"] for g in three.param_groups[:2]] == [g["lr"] for g in two.param_groups]
     assert three.param_groups[2]["lr"] == pytest.approx(0.03 * 0.5**2)  # joined at its LR, then the factor
     assert resumed.min_lrs == [1e-4, 2e-4, 0.0]  # the saved bounds; the list named no third group
+
+
+@no_training
+def test_two_schedulers_deciding_for_one_optimizer_are_warned_about_once_a_replacement_is_not():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=0.01)
+    first = PolicyScheduler(opt, total_epochs=12, policy=constant_policy(-1.0))
+    with _no_other_warning():
+        first.step(1.0, train_loss=1.0)
+        replacement = PolicyScheduler(opt, total_epochs=12, policy=constant_policy(-1.0))  # `first` still alive
+        for v in (0.9, 0.8, 0.7):  # the old one never decides again: nothing to warn about
+            replacement.step(v, train_loss=v)
+        second = PolicyScheduler(opt, total_epochs=12, policy=constant_policy(-1.0))
+        second.step(0.6, train_loss=0.6)  # as a replacement would: no warning yet
+    for rival, v in ((replacement, 0.5), (second, 0.45)):  # both have decided since each one's previous decision
+        with pytest.warns(RuntimeWarning, match="another PolicyScheduler decides for this optimizer too"):
+            rival.step(v, train_loss=v)
+    with _no_other_warning():  # once per scheduler
+        replacement.step(0.4, train_loss=0.4)
+        second.step(0.35, train_loss=0.35)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**9)  # each moved it: 9 decisions in all
+    other = PolicyScheduler(torch.optim.SGD([p], lr=0.01), total_epochs=12, policy=constant_policy(-1.0))
+    with _no_other_warning():  # another optimizer over the same parameters is not a rival
+        for v in (0.3, 0.2):
+            other.step(v, train_loss=v)
+    assert not (first._warned_rival or other._warned_rival)
