@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from controller.features import CLIP, N_FEATURES
 from controller.signals import StepStats, probe_coordinates, probe_values, sampling_intervals, summarize_grad_norms
+from envs import ENV_ID
 from envs.evaluation import run_schedule
 from envs.inner import EVAL_CHUNK, EpochResult, InnerRun
 from envs.lr_env import EnvConfig, Episode, LRControlEnv, check_reset_options, resolve_device
@@ -871,12 +872,16 @@ class LRControlVecEnv(VecEnv):
             group.run = None
 
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
-        """Per slot: ``episode`` (its :class:`Episode`, as ``LRControlEnv.episode``); else this env's attribute."""
+        """Per slot: ``episode`` (its :class:`Episode`, as ``LRControlEnv.episode``), ``spec`` (the
+        ``LRControl-v0`` spec with this env's config, as ``gym.make`` gives); else this env's attribute."""
         slots = list(self._get_indices(indices))
         if attr_name == "episode":
             return [self._episodes[s] for s in slots]
         if attr_name == "render_mode":
             return [None for _ in slots]
+        if attr_name == "spec":
+            spec = replace(gym.spec(ENV_ID), kwargs={"config": self.config})
+            return [spec for _ in slots]
         return [getattr(self, attr_name) for _ in slots]
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:

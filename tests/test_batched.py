@@ -3,6 +3,7 @@
 import math
 from dataclasses import replace
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -10,7 +11,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
 
 from controller.signals import PROBE_COORDS
-from envs import FAMILIES, EnvConfig, LRControlEnv, TaskConfig, TorchRun, get_family
+from envs import ENV_ID, FAMILIES, EnvConfig, LRControlEnv, TaskConfig, TorchRun, get_family
 from envs.batched import (
     BATCHABLE_FAMILIES,
     BatchConfig,
@@ -396,6 +397,7 @@ def test_vec_env_api_and_refusals():
     venv.reset()
     assert venv.get_attr("render_mode") == [None, None]
     assert venv.get_attr("config", [1]) == [config]
+    assert venv.get_attr("spec") == [gym.make(ENV_ID, config=config).spec] * 2  # as a DummyVecEnv's slots answer
     losses = venv.env_method("test_loss")
     assert len(losses) == 2 and all(math.isfinite(loss) and acc is None for loss, acc in losses)
     assert venv.env_is_wrapped(VecMonitor) == [False, False]
