@@ -331,9 +331,11 @@ class StepStatsHook:
             if owner is not None:
                 after(owner, optimizer, args, kwargs)
 
-        self._hook_fn = hook
+        # Under torch.compile (of the optimizer step, or of a train step that calls it) the hook runs eagerly, as
+        # it was written to: traced, its reads into host memory on CPU would break the graph and log warnings
+        self._hook_fn = torch.compiler.disable(hook)
         """What the optimizer calls after each step (the bench times it)."""
-        self._handle = self._optimizer.register_step_post_hook(hook)
+        self._handle = self._optimizer.register_step_post_hook(self._hook_fn)
         attached = []
         for other, handle in _ATTACHED.get(self._optimizer, ()):
             if other() is None:

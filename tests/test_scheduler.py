@@ -869,3 +869,40 @@ def test_two_schedulers_deciding_for_one_optimizer_are_warned_about_once_a_repla
         for v in (0.3, 0.2):
             other.step(v, train_loss=v)
     assert not (first._warned_rival or other._warned_rival)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_under_torch_compile_the_hook_runs_eagerly_and_breaks_no_graph():
+    """A compiled optimizer step (torch's recipe: ``torch.compile`` around ``opt.step()``, a tensor LR) with the
+    policy attached breaks the graph where ``CosineAnnealingLR`` does (torch skips its schedulers' step wrapper)
+    and nowhere else: traced, the hook's reads into host memory would add breaks and log warnings."""
+    import torch._dynamo
+
+    def graph_breaks(make_scheduler):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+        opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3))
+        scheduler = make_scheduler(opt)
+        compiled_step = torch.compile(opt.step)
+        x, y = torch.randn(32, 8), torch.randn(32, 1)
+        for _ in range(2):
+            for _ in range(4):
+                opt.zero_grad()
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                compiled_step()
+            if isinstance(scheduler, PolicyScheduler):
+                scheduler.step(loss.item(), train_loss=loss.item())
+            else:
+                scheduler.step()
+        return set(torch._dynamo.utils.counters["graph_break"]), scheduler
+
+    cosine_breaks, _ = graph_breaks(lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, 2))
+    policy_breaks, scheduler = graph_breaks(lambda opt: PolicyScheduler(opt, total_epochs=2))
+    torch._dynamo.reset()
+    assert policy_breaks == cosine_breaks
+    steps, update = FEATURE_NAMES.index("log10_steps"), FEATURE_NAMES.index("log10_update_ratio")
+    for h in scheduler.history:  # the eager hook saw every compiled step, and probed
+        assert h["obs"][steps] == pytest.approx(math.log10(4) / 2) and h["obs"][update] != 0.0
