@@ -24,7 +24,7 @@ import numbers
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -356,6 +356,13 @@ class TaskFamily:
     """Batch sizes sampled per episode."""
     epochs: tuple[int, int] = (10, 40)
     """Epoch budget range (inclusive) sampled per episode."""
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        """A registered family pickles as its name (its data and model factories are lambdas), so a built task, an
+        inner run and an env pickle too; another family pickles field by field."""
+        if FAMILIES.get(self.name) is self:
+            return (get_family, (self.name,))
+        return super().__reduce__()
 
     def default_lr(self, optimizer: OptimizerName | None = None) -> float:
         """The practitioner's default LR for ``optimizer`` (default: the family's optimizer)."""
