@@ -24,6 +24,11 @@ over seeds. Data: 60 % train, 20 % validation (what the schedules see), 20 % tes
     python docs/outside_suite.py --out o.json          # 5 seeds, ~12 min on 2 cores; prints Markdown tables
     python docs/outside_suite.py --tables o.json       # the tables again, from the saved runs
     python docs/outside_suite.py --seeds 1 --scenarios iris_fullbatch
+    python docs/outside_suite.py --from-tuned --out t.json    # every schedule from the LR a grid search picks
+
+``--from-tuned`` starts every schedule at the LR a practitioner who tuned it would use: the grid LR whose cosine run has
+the lowest final validation loss, per scenario and seed (as ``docs/tuned_start.py`` does on the task families). It runs
+the policy without accuracy, free and with ``max_lr`` = that LR (``policy_capped``: it can only lower the LR).
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ from envs.evaluation import MULTIPLIERS, ORACLE_GRID, RATIO_CAP, make_baseline, 
 
 SCHEDULES = ("policy", "policy_no_acc", "constant", "cosine", "onecycle", "plateau")
 """``policy_no_acc``: the policy given no validation accuracy (classification only)."""
+TUNED_SCHEDULES = ("policy_no_acc", "policy_capped", "constant", "cosine", "onecycle", "plateau")
+"""From the tuned LR (``--from-tuned``); ``policy_capped``: the policy with ``max_lr`` = that LR, no accuracy."""
 
 
 @dataclass
@@ -123,7 +130,8 @@ def run(job: tuple[str, int, float, str]) -> dict[str, Any]:
         return F.mse_loss(out.squeeze(-1), target) if scenario.regression else F.cross_entropy(out, target)
 
     policy = schedule.startswith("policy")
-    scheduler = PolicyScheduler(optimizer, total_epochs=scenario.epochs) if policy else make_baseline(
+    cap = scenario.lr * abs(multiplier) if schedule == "policy_capped" else math.inf
+    scheduler = PolicyScheduler(optimizer, total_epochs=scenario.epochs, max_lr=cap) if policy else make_baseline(
         schedule, optimizer, scenario.epochs, steps)
     generator = torch.Generator().manual_seed(seed)
     lrs, diverged = [], False
@@ -159,28 +167,52 @@ def run(job: tuple[str, int, float, str]) -> dict[str, Any]:
     with torch.no_grad():
         test = math.inf if diverged else loss_fn(model(x_test), y_test).item()
     return {"scenario": name, "seed": seed, "multiplier": multiplier, "schedule": schedule,
-            "test_loss": test if math.isfinite(test) else None, "lrs": lrs}
+            "test_loss": test if math.isfinite(test) else None, "val_loss": None if diverged else val_loss, "lrs": lrs}
+
+
+def grid_jobs(names: list[str], seeds: int) -> list[tuple[str, int, float, str]]:
+    """The oracle's grid runs: cosine at each grid LR (a negative multiplier), for every scenario and seed."""
+    return [(name, seed, -grid, "cosine") for name in names for seed in range(seeds) for grid in ORACLE_GRID]
 
 
 def jobs(names: list[str], seeds: int) -> list[tuple[str, int, float, str]]:
-    """The oracle's grid runs (negative multipliers) and every schedule at each multiplier, for every seed."""
-    out: list[tuple[str, int, float, str]] = []
-    for name in names:
-        for seed in range(seeds):
-            out += [(name, seed, -grid, "cosine") for grid in ORACLE_GRID]
-            out += [(name, seed, m, s) for m in MULTIPLIERS for s in SCHEDULES
-                    if not (s == "policy_no_acc" and SCENARIOS[name].regression)]
-    return out
+    """The oracle's grid runs and every schedule at each multiplier, for every seed."""
+    return grid_jobs(names, seeds) + [
+        (name, seed, m, s) for name in names for seed in range(seeds) for m in MULTIPLIERS for s in SCHEDULES
+        if not (s == "policy_no_acc" and SCENARIOS[name].regression)]
 
 
-def ratios(records: list[dict[str, Any]]) -> dict[tuple[str, float, str], dict[int, float]]:
-    """``(scenario, multiplier, schedule) -> {seed: ratio to the oracle}``. On a regression the policy gets no accuracy
-    either way, so its run also stands for ``policy_no_acc``."""
+def tuned_start(records: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """``(scenario, seed) -> its grid run`` with the lowest final validation loss: what a grid search on the validation
+    set picks (the middle of the grid when every run diverged)."""
+    grid: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        if r["multiplier"] < 0:
+            grid.setdefault((r["scenario"], r["seed"]), []).append(r)
+    return {key: min((r for r in runs if r["val_loss"] is not None), key=lambda r: r["val_loss"],
+                     default=sorted(runs, key=lambda r: r["multiplier"])[len(runs) // 2]) for key, runs in grid.items()}
+
+
+def tuned_jobs(grid: list[dict[str, Any]]) -> list[tuple[str, int, float, str]]:
+    """Every schedule but cosine (the grid run itself) from each scenario and seed's tuned LR."""
+    return [(name, seed, -r["multiplier"], s) for (name, seed), r in tuned_start(grid).items()
+            for s in TUNED_SCHEDULES if s != "cosine"]
+
+
+def _oracles(records: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    """``(scenario, seed) -> the best final test loss over the grid``."""
     oracle: dict[tuple[str, int], float] = {}
     for r in records:
         if r["multiplier"] < 0:
             key = (r["scenario"], r["seed"])
             oracle[key] = min(oracle.get(key, math.inf), math.inf if r["test_loss"] is None else r["test_loss"])
+    return oracle
+
+
+def ratios(records: list[dict[str, Any]]) -> dict[tuple[str, float, str], dict[int, float]]:
+    """``(scenario, multiplier, schedule) -> {seed: ratio to the oracle}``. On a regression the policy gets no accuracy
+    either way, so its run also stands for ``policy_no_acc``."""
+    oracle = _oracles(records)
     cells: dict[tuple[str, float, str], dict[int, float]] = {}
     for r in records:
         if r["multiplier"] > 0:
@@ -191,6 +223,12 @@ def ratios(records: list[dict[str, Any]]) -> dict[tuple[str, float, str], dict[i
             for name in names:
                 cells.setdefault((r["scenario"], r["multiplier"], name), {})[r["seed"]] = ratio
     return cells
+
+
+def _geomeans(cells: dict[tuple[str, str], dict[int, float]], names: list[str], seeds: list[int], schedules: tuple[str, ...]
+              ) -> list[list[float]]:
+    """Per schedule, per seed: the geometric mean of the ratios over the scenarios."""
+    return [[math.exp(statistics.mean(math.log(cells[n, s][seed]) for n in names)) for seed in seeds] for s in schedules]
 
 
 def _row(values: list[list[float]]) -> list[str]:
@@ -207,8 +245,8 @@ def tables(records: list[dict[str, Any]]) -> str:
     names = list(dict.fromkeys(r["scenario"] for r in records))
     seeds = sorted({r["seed"] for r in records})
     header = "| schedule | " + " | ".join(f"×{m:g}" for m in MULTIPLIERS) + " |"
-    columns = {m: _row([[math.exp(statistics.mean(math.log(cells[n, m, s][seed]) for n in names)) for seed in seeds]
-                        for s in SCHEDULES]) for m in MULTIPLIERS}
+    columns = {m: _row(_geomeans({(n, s): cells[n, m, s] for n in names for s in SCHEDULES}, names, seeds, SCHEDULES))
+               for m in MULTIPLIERS}
     lines = [header, "|---|" + "---|" * len(MULTIPLIERS)]
     lines += [f"| {s} | " + " | ".join(columns[m][i] for m in MULTIPLIERS) + " |" for i, s in enumerate(SCHEDULES)]
     lines += ["", "| scenario | init LR | " + " | ".join(SCHEDULES) + " |", "|---|---|" + "---|" * len(SCHEDULES)]
@@ -216,6 +254,29 @@ def tables(records: list[dict[str, Any]]) -> str:
         for m in MULTIPLIERS:
             lines.append(f"| {n} | ×{m:g} | " + " | ".join(_row([list(cells[n, m, s].values()) for s in SCHEDULES]))
                          + " |")
+    return "\n".join(lines)
+
+
+def tuned_tables(records: list[dict[str, Any]]) -> str:
+    """Markdown for ``--from-tuned``: the geometric mean over scenarios from the tuned LR, then each scenario's
+    ratios and the grid LR its seeds picked."""
+    oracle, starts = _oracles(records), tuned_start(records)
+    cells: dict[tuple[str, str], dict[int, float]] = {}
+    for r in [r for r in records if r["multiplier"] > 0] + list(starts.values()):  # cosine: the tuned grid run
+        test = math.inf if r["test_loss"] is None else r["test_loss"]
+        schedule = r["schedule"] if r["multiplier"] > 0 else "cosine"
+        cells.setdefault((r["scenario"], schedule), {})[r["seed"]] = ratio_to(test, oracle[r["scenario"], r["seed"]])
+    names = list(dict.fromkeys(r["scenario"] for r in records))
+    seeds = sorted({r["seed"] for r in records})
+    lines = ["| schedule | from the tuned LR |", "|---|---|"]
+    lines += [f"| {s} | {cell} |" for s, cell in zip(TUNED_SCHEDULES, _row(_geomeans(cells, names, seeds,
+                                                                                      TUNED_SCHEDULES)))]
+    lines += ["", "| scenario | tuned LR (× usual, per seed) | " + " | ".join(TUNED_SCHEDULES) + " |",
+              "|---|---|" + "---|" * len(TUNED_SCHEDULES)]
+    for n in names:
+        picked = ", ".join(f"{-starts[n, seed]['multiplier']:.3g}" for seed in seeds)
+        lines.append(f"| {n} | {picked} | " + " | ".join(_row([list(cells[n, s].values()) for s in TUNED_SCHEDULES]))
+                     + " |")
     return "\n".join(lines)
 
 
@@ -227,6 +288,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write every run's result here (JSON)")
     parser.add_argument("--tables", type=Path, default=None, metavar="JSON",
                         help="print the tables of a saved --out file instead of running anything")
+    parser.add_argument("--from-tuned", action="store_true",
+                        help="start every schedule at the grid LR with the lowest final validation loss instead of "
+                             "x0.1/x1/x10 (cosine from it: the grid run itself; policy_capped: max_lr = that LR)")
     args = parser.parse_args()
     if args.tables is not None:
         try:
@@ -235,7 +299,7 @@ def main() -> None:
         except (OSError, ValueError, KeyError, TypeError) as err:
             parser.error(f"--tables: {args.tables} is no saved --out file ({type(err).__name__}: {err})")
         print(f"final test loss / the best cosine run over the LR grid; mean ± std over {seeds} seed(s)\n")
-        print(tables(records))
+        print(tuned_tables(records) if saved.get("from_tuned") else tables(records))
         return
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     if unknown := [n for n in names if n not in SCENARIOS]:
@@ -246,13 +310,20 @@ def main() -> None:
         parser.error("--scenarios: none given")
     from tqdm import tqdm
 
-    todo = jobs(names, args.seeds)
     with make_pool(args.workers) as pool:
-        records = list(tqdm(pool.map(run, todo), total=len(todo), desc="runs", unit="run"))
+        if args.from_tuned:  # the grid first: it picks each start
+            todo = grid_jobs(names, args.seeds)
+            records = list(tqdm(pool.map(run, todo), total=len(todo), desc="grid", unit="run"))
+            todo = tuned_jobs(records)
+            records += list(tqdm(pool.map(run, todo), total=len(todo), desc="from the tuned LR", unit="run"))
+        else:
+            todo = jobs(names, args.seeds)
+            records = list(tqdm(pool.map(run, todo), total=len(todo), desc="runs", unit="run"))
     if args.out is not None:
-        args.out.write_text(json.dumps({"seeds": args.seeds, "ratio_cap": RATIO_CAP, "records": records}) + "\n")
+        args.out.write_text(json.dumps({"seeds": args.seeds, "ratio_cap": RATIO_CAP, "from_tuned": args.from_tuned,
+                                        "records": records}) + "\n")
     print(f"\nfinal test loss / the best cosine run over the LR grid; mean ± std over {args.seeds} seed(s)\n")
-    print(tables(records))
+    print(tuned_tables(records) if args.from_tuned else tables(records))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
@@ -41,6 +43,27 @@ def test_outside_suite_runs_every_schedule_and_the_oracle(tmp_path):
     summary = [line for line in result.stdout.splitlines() if line.startswith("| policy")]
     assert len(summary) == 2 and all(line.count("±") == 3 for line in summary)  # policy, policy_no_acc at x0.1/x1/x10
     reprinted = run("outside_suite.py", "--tables", str(out))  # the tables again from the saved file, no training
+    assert reprinted.returncode == 0 and reprinted.stdout.strip() in result.stdout, reprinted.stderr
+
+
+def test_outside_suite_from_tuned_starts_every_schedule_at_the_grid_lr_the_validation_loss_picks(tmp_path):
+    out = tmp_path / "tuned.json"
+    result = run("outside_suite.py", "--from-tuned", "--seeds", "1", "--scenarios", "iris_fullbatch", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    records = json.loads(out.read_text())["records"]
+    grid = [r for r in records if r["multiplier"] < 0]
+    assert len(grid) == 7 and all(r["val_loss"] is not None for r in grid)
+    tuned = min(grid, key=lambda r: r["val_loss"])
+    runs = {r["schedule"]: r for r in records if r["multiplier"] > 0}
+    assert set(runs) == {"policy_no_acc", "policy_capped", "constant", "onecycle", "plateau"}  # cosine: `tuned`
+    assert all(r["multiplier"] == -tuned["multiplier"] for r in runs.values())
+    start = tuned["lrs"][0]
+    assert all(r["lrs"][0] == start for s, r in runs.items() if s != "onecycle")
+    assert max(runs["onecycle"]["lrs"]) == pytest.approx(start)  # its peak: it starts lower
+    assert max(runs["policy_capped"]["lrs"]) <= start < max(runs["policy_no_acc"]["lrs"])  # the cap held; free, it rose
+    cosine = tuned["test_loss"] / min(r["test_loss"] for r in grid)
+    assert f"| cosine | {cosine:.2f} ± 0.00 |" in result.stdout.replace("**", "")
+    reprinted = run("outside_suite.py", "--tables", str(out))
     assert reprinted.returncode == 0 and reprinted.stdout.strip() in result.stdout, reprinted.stderr
 
 
