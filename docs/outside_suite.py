@@ -36,10 +36,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,16 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 from controller import PolicyScheduler  # noqa: E402
-from envs.evaluation import MULTIPLIERS, ORACLE_GRID, RATIO_CAP, make_baseline, make_pool, ratio_to  # noqa: E402
+from envs.evaluation import (  # noqa: E402
+    MULTIPLIERS,
+    ORACLE_GRID,
+    RATIO_CAP,
+    Evaluation,
+    RunRecord,
+    make_baseline,
+    make_pool,
+    oracle_losses,
+)
 
 SCHEDULES = ("policy", "policy_no_acc", "constant", "cosine", "onecycle", "plateau")
 """``policy_no_acc``: the policy given no validation accuracy (classification only)."""
@@ -114,8 +122,8 @@ def splits(name: str, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(xt[p], yt[p]) for p in parts]
 
 
-def run(job: tuple[str, int, float, str]) -> dict[str, Any]:
-    """One training run: ``(scenario, seed, LR multiplier, schedule)`` -> its final test loss and LR path."""
+def run(job: tuple[str, int, float, str]) -> RunRecord:
+    """One training run: ``(scenario, seed, LR multiplier, schedule)`` -> its record (``family``: the scenario)."""
     name, seed, multiplier, schedule = job
     torch.set_num_threads(1)
     scenario = SCENARIOS[name]
@@ -134,9 +142,11 @@ def run(job: tuple[str, int, float, str]) -> dict[str, Any]:
     scheduler = PolicyScheduler(optimizer, total_epochs=scenario.epochs, max_lr=cap) if policy else make_baseline(
         schedule, optimizer, scenario.epochs, steps)
     generator = torch.Generator().manual_seed(seed)
-    lrs, diverged = [], False
+    record = RunRecord(name, seed, multiplier, schedule)
+    with torch.no_grad():
+        record.initial_test = loss_fn(model(x_test), y_test).item()
     for epoch in range(1, scenario.epochs + 1):
-        lrs.append(optimizer.param_groups[0]["lr"])
+        record.lrs.append(optimizer.param_groups[0]["lr"])
         model.train()
         total = 0.0
         for index in torch.randperm(len(x), generator=generator).split(batch):
@@ -152,8 +162,10 @@ def run(job: tuple[str, int, float, str]) -> dict[str, Any]:
             out = model(x_val)
             val_loss = loss_fn(out, y_val).item()
             accuracy = None if scenario.regression else (out.argmax(-1) == y_val).float().mean().item()
+        record.train_losses.append(total / steps)
+        record.val_losses.append(val_loss)
         if not (math.isfinite(total) and math.isfinite(val_loss)):
-            diverged = True
+            record.diverged = True
             break
         if epoch == scenario.epochs:
             break
@@ -164,10 +176,12 @@ def run(job: tuple[str, int, float, str]) -> dict[str, Any]:
             scheduler.step(val_loss)
         elif schedule == "cosine":
             scheduler.step()
+    record.final_val = record.val_losses[-1]
     with torch.no_grad():
-        test = math.inf if diverged else loss_fn(model(x_test), y_test).item()
-    return {"scenario": name, "seed": seed, "multiplier": multiplier, "schedule": schedule,
-            "test_loss": test if math.isfinite(test) else None, "val_loss": None if diverged else val_loss, "lrs": lrs}
+        record.final_test = math.inf if record.diverged else loss_fn(model(x_test), y_test).item()
+    if not math.isfinite(record.final_test):
+        record.diverged, record.final_test = True, math.inf
+    return record
 
 
 def grid_jobs(names: list[str], seeds: int) -> list[tuple[str, int, float, str]]:
@@ -182,100 +196,70 @@ def jobs(names: list[str], seeds: int) -> list[tuple[str, int, float, str]]:
         if not (s == "policy_no_acc" and SCENARIOS[name].regression)]
 
 
-def tuned_start(records: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+def tuned_start(records: list[RunRecord]) -> dict[tuple[str, int], RunRecord]:
     """``(scenario, seed) -> its grid run`` with the lowest final validation loss: what a grid search on the validation
     set picks (the middle of the grid when every run diverged)."""
-    grid: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    grid: dict[tuple[str, int], list[RunRecord]] = {}
     for r in records:
-        if r["multiplier"] < 0:
-            grid.setdefault((r["scenario"], r["seed"]), []).append(r)
-    return {key: min((r for r in runs if r["val_loss"] is not None), key=lambda r: r["val_loss"],
-                     default=sorted(runs, key=lambda r: r["multiplier"])[len(runs) // 2]) for key, runs in grid.items()}
+        if r.multiplier < 0:
+            grid.setdefault((r.family, r.seed), []).append(r)
+    return {key: min((r for r in runs if math.isfinite(r.final_val)), key=lambda r: r.final_val,
+                     default=sorted(runs, key=lambda r: r.multiplier)[len(runs) // 2]) for key, runs in grid.items()}
 
 
-def tuned_jobs(grid: list[dict[str, Any]]) -> list[tuple[str, int, float, str]]:
+def tuned_jobs(grid: list[RunRecord]) -> list[tuple[str, int, float, str]]:
     """Every schedule but cosine (the grid run itself) from each scenario and seed's tuned LR."""
-    return [(name, seed, -r["multiplier"], s) for (name, seed), r in tuned_start(grid).items()
+    return [(name, seed, -r.multiplier, s) for (name, seed), r in tuned_start(grid).items()
             for s in TUNED_SCHEDULES if s != "cosine"]
 
 
-def _oracles(records: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
-    """``(scenario, seed) -> the best final test loss over the grid``."""
-    oracle: dict[tuple[str, int], float] = {}
-    for r in records:
-        if r["multiplier"] < 0:
-            key = (r["scenario"], r["seed"])
-            oracle[key] = min(oracle.get(key, math.inf), math.inf if r["test_loss"] is None else r["test_loss"])
-    return oracle
-
-
-def ratios(records: list[dict[str, Any]]) -> dict[tuple[str, float, str], dict[int, float]]:
-    """``(scenario, multiplier, schedule) -> {seed: ratio to the oracle}``. On a regression the policy gets no accuracy
-    either way, so its run also stands for ``policy_no_acc``."""
-    oracle = _oracles(records)
-    cells: dict[tuple[str, float, str], dict[int, float]] = {}
-    for r in records:
-        if r["multiplier"] > 0:
-            test = math.inf if r["test_loss"] is None else r["test_loss"]
-            ratio = ratio_to(test, oracle[(r["scenario"], r["seed"])])
-            names = [r["schedule"]] + (["policy_no_acc"] if r["schedule"] == "policy" and
-                                       SCENARIOS[r["scenario"]].regression else [])
-            for name in names:
-                cells.setdefault((r["scenario"], r["multiplier"], name), {})[r["seed"]] = ratio
-    return cells
-
-
-def _geomeans(cells: dict[tuple[str, str], dict[int, float]], names: list[str], seeds: list[int], schedules: tuple[str, ...]
-              ) -> list[list[float]]:
-    """Per schedule, per seed: the geometric mean of the ratios over the scenarios."""
-    return [[math.exp(statistics.mean(math.log(cells[n, s][seed]) for n in names)) for seed in seeds] for s in schedules]
-
-
-def _row(values: list[list[float]]) -> list[str]:
+def _row(cells: list[tuple[float, float]]) -> list[str]:
     """``mean ± std`` per schedule, the lowest mean in bold."""
-    means = [statistics.mean(v) for v in values]
-    return [("**{}**" if m == min(means) else "{}").format(f"{m:.2f} ± {statistics.pstdev(v):.2f}")
-            for m, v in zip(means, values)]
+    best = min(mean for mean, _ in cells)
+    return [("**{}**" if mean == best else "{}").format(f"{mean:.2f} ± {std:.2f}") for mean, std in cells]
 
 
-def tables(records: list[dict[str, Any]]) -> str:
+def _evaluation(records: list[RunRecord], multipliers: list[float], schedules: tuple[str, ...],
+                runs: list[RunRecord]) -> Evaluation:
+    """``runs`` scored against the oracle of ``records``' grid, as ``envs.evaluation`` scores the task families."""
+    names = list(dict.fromkeys(r.family for r in records))
+    seeds = 1 + max(r.seed for r in records)
+    return Evaluation(names, seeds, multipliers, list(schedules), runs, oracle_losses(records))
+
+
+def tables(records: list[RunRecord]) -> str:
     """Markdown: per initial LR, the geometric mean over scenarios (per seed; mean ± std over seeds), then each
-    scenario's mean ± std over seeds."""
-    cells = ratios(records)
-    names = list(dict.fromkeys(r["scenario"] for r in records))
-    seeds = sorted({r["seed"] for r in records})
-    header = "| schedule | " + " | ".join(f"×{m:g}" for m in MULTIPLIERS) + " |"
-    columns = {m: _row(_geomeans({(n, s): cells[n, m, s] for n in names for s in SCHEDULES}, names, seeds, SCHEDULES))
-               for m in MULTIPLIERS}
-    lines = [header, "|---|" + "---|" * len(MULTIPLIERS)]
+    scenario's mean ± std over seeds. On a regression the policy gets no accuracy either way, so its run also stands
+    for ``policy_no_acc``."""
+    runs = [r for r in records if r.multiplier > 0]
+    runs += [replace(r, schedule="policy_no_acc") for r in runs
+             if r.schedule == "policy" and SCENARIOS[r.family].regression]
+    ev = _evaluation(records, list(MULTIPLIERS), SCHEDULES, runs)
+    columns = {m: _row([ev.aggregate(s, m) for s in SCHEDULES]) for m in MULTIPLIERS}
+    lines = ["| schedule | " + " | ".join(f"×{m:g}" for m in MULTIPLIERS) + " |", "|---|" + "---|" * len(MULTIPLIERS)]
     lines += [f"| {s} | " + " | ".join(columns[m][i] for m in MULTIPLIERS) + " |" for i, s in enumerate(SCHEDULES)]
     lines += ["", "| scenario | init LR | " + " | ".join(SCHEDULES) + " |", "|---|---|" + "---|" * len(SCHEDULES)]
-    for n in names:
+    for n in ev.families:
         for m in MULTIPLIERS:
-            lines.append(f"| {n} | ×{m:g} | " + " | ".join(_row([list(cells[n, m, s].values()) for s in SCHEDULES]))
-                         + " |")
+            lines.append(f"| {n} | ×{m:g} | " + " | ".join(_row([ev.aggregate(s, m, n) for s in SCHEDULES])) + " |")
     return "\n".join(lines)
 
 
-def tuned_tables(records: list[dict[str, Any]]) -> str:
+def tuned_tables(records: list[RunRecord]) -> str:
     """Markdown for ``--from-tuned``: the geometric mean over scenarios from the tuned LR, then each scenario's
-    ratios and the grid LR its seeds picked."""
-    oracle, starts = _oracles(records), tuned_start(records)
-    cells: dict[tuple[str, str], dict[int, float]] = {}
-    for r in [r for r in records if r["multiplier"] > 0] + list(starts.values()):  # cosine: the tuned grid run
-        test = math.inf if r["test_loss"] is None else r["test_loss"]
-        schedule = r["schedule"] if r["multiplier"] > 0 else "cosine"
-        cells.setdefault((r["scenario"], schedule), {})[r["seed"]] = ratio_to(test, oracle[r["scenario"], r["seed"]])
-    names = list(dict.fromkeys(r["scenario"] for r in records))
-    seeds = sorted({r["seed"] for r in records})
+    ratios and the grid LR its seeds picked. Every run from the tuned LR is scored as ``x1`` of it; cosine's is the
+    tuned grid run itself."""
+    starts = tuned_start(records)
+    runs = [replace(r, multiplier=1.0) for r in [r for r in records if r.multiplier > 0] + list(starts.values())]
+    ev = _evaluation(records, [1.0], TUNED_SCHEDULES, runs)
     lines = ["| schedule | from the tuned LR |", "|---|---|"]
-    lines += [f"| {s} | {cell} |" for s, cell in zip(TUNED_SCHEDULES, _row(_geomeans(cells, names, seeds,
-                                                                                      TUNED_SCHEDULES)))]
+    lines += [f"| {s} | {cell} |" for s, cell in zip(TUNED_SCHEDULES, _row([ev.aggregate(s, 1.0)
+                                                                               for s in TUNED_SCHEDULES]))]
     lines += ["", "| scenario | tuned LR (× usual, per seed) | " + " | ".join(TUNED_SCHEDULES) + " |",
               "|---|---|" + "---|" * len(TUNED_SCHEDULES)]
-    for n in names:
-        picked = ", ".join(f"{-starts[n, seed]['multiplier']:.3g}" for seed in seeds)
-        lines.append(f"| {n} | {picked} | " + " | ".join(_row([list(cells[n, s].values()) for s in TUNED_SCHEDULES]))
+    for n in ev.families:
+        picked = ", ".join(f"{-starts[n, seed].multiplier:.3g}" for seed in range(ev.seeds))
+        lines.append(f"| {n} | {picked} | " + " | ".join(_row([ev.aggregate(s, 1.0, n) for s in TUNED_SCHEDULES]))
                      + " |")
     return "\n".join(lines)
 
@@ -295,7 +279,7 @@ def main() -> None:
     if args.tables is not None:
         try:
             saved = json.loads(args.tables.read_text())
-            records, seeds = saved["records"], saved["seeds"]
+            records, seeds = [RunRecord(**r) for r in saved["records"]], saved["seeds"]
         except (OSError, ValueError, KeyError, TypeError) as err:
             parser.error(f"--tables: {args.tables} is no saved --out file ({type(err).__name__}: {err})")
         print(f"final test loss / the best cosine run over the LR grid; mean ± std over {seeds} seed(s)\n")
@@ -321,7 +305,7 @@ def main() -> None:
             records = list(tqdm(pool.map(run, todo), total=len(todo), desc="runs", unit="run"))
     if args.out is not None:
         args.out.write_text(json.dumps({"seeds": args.seeds, "ratio_cap": RATIO_CAP, "from_tuned": args.from_tuned,
-                                        "records": records}) + "\n")
+                                        "records": [asdict(r) for r in records]}) + "\n")
     print(f"\nfinal test loss / the best cosine run over the LR grid; mean ± std over {args.seeds} seed(s)\n")
     print(tuned_tables(records) if args.from_tuned else tables(records))
 

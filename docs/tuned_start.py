@@ -18,30 +18,43 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from dataclasses import replace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
-from controller import load_policy  # noqa: E402
+from controller import PolicyNet, load_policy  # noqa: E402
 from envs import FAMILIES, VALIDATION_FAMILIES  # noqa: E402
-from envs.evaluation import ORACLE_GRID, RunRecord, evaluation_tasks, make_pool, ratio_to, run_schedule  # noqa: E402
+from envs.evaluation import (  # noqa: E402
+    ORACLE_GRID,
+    Evaluation,
+    RunRecord,
+    evaluation_tasks,
+    make_pool,
+    oracle_losses,
+    run_schedule,
+)
 from envs.tasks import TaskConfig  # noqa: E402
 
 SCHEDULES = ("policy", "policy_capped", "constant", "cosine", "onecycle", "plateau")
 
+Job = tuple[TaskConfig, str, int, float, PolicyNet | None]
+"""``(task, schedule, seed index, multiplier, policy)``: a negative multiplier marks a grid run, 1.0 a run from the
+tuned LR (``x1`` of it)."""
 
-def run(job: tuple[TaskConfig, str]) -> RunRecord:
-    """One inner run: ``(task, schedule)``; ``policy_capped`` is the policy with ``max_lr`` = the task's LR."""
-    task, schedule = job
+
+def run(job: Job) -> RunRecord:
+    """One inner run; ``policy_capped`` is the policy with ``max_lr`` = the task's LR."""
+    task, schedule, seed_index, multiplier, policy = job
     torch.set_num_threads(1)
     if schedule.startswith("policy"):
         options = {"max_lr": task.lr} if schedule == "policy_capped" else None
-        return run_schedule(task, "policy", load_policy(None), policy_options=options)
-    return run_schedule(task, schedule)
+        record = run_schedule(task, "policy", policy, seed_index=seed_index, multiplier=multiplier,
+                              policy_options=options)
+        return replace(record, schedule=schedule)
+    return run_schedule(task, schedule, seed_index=seed_index, multiplier=multiplier)
 
 
 def main() -> None:
@@ -49,7 +62,8 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(VALIDATION_FAMILIES), help="comma-separated (default: validation)")
     parser.add_argument("--seeds", type=int, default=5, help="tasks per family (default 5)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU)")
-    parser.add_argument("--out", type=Path, default=None, help="also write every run here (JSON)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the evaluation here (JSON: envs.evaluation.Evaluation's, with each tuned LR)")
     args = parser.parse_args()
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     if not families or (unknown := [f for f in families if f not in FAMILIES]):
@@ -58,39 +72,34 @@ def main() -> None:
         parser.error("--seeds and --workers must be >= 1")
     from tqdm import tqdm
 
-    # the grid: each task at every grid LR under cosine annealing
-    drawn = {(f, m): evaluation_tasks(f, args.seeds, m) for f in families for m in ORACLE_GRID}  # one draw, 7 LRs
-    tasks = {(f, i): [drawn[f, m][i] for m in ORACLE_GRID] for f in families for i in range(args.seeds)}
+    policy = load_policy(None)
+    grid_jobs: list[Job] = [(task, "cosine", i, -m, None) for f in families for m in ORACLE_GRID
+                            for i, task in enumerate(evaluation_tasks(f, args.seeds, m))]  # one draw, 7 LRs
     with make_pool(args.workers) as pool:
-        grid_jobs = [(t, "cosine") for key in tasks for t in tasks[key]]
         grid = list(tqdm(pool.map(run, grid_jobs), total=len(grid_jobs), desc="grid", unit="run"))
-        runs: dict[tuple[str, int], dict[str, Any]] = {}
-        for n, key in enumerate(tasks):
-            records = grid[n * len(ORACLE_GRID) : (n + 1) * len(ORACLE_GRID)]
-            finite = [r for r in records if math.isfinite(r.final_val)]
-            tuned = min(finite, key=lambda r: r.final_val) if finite else records[len(ORACLE_GRID) // 2]
-            oracle = min((r.final_test for r in records), default=math.inf)
-            runs[key] = {"oracle": oracle, "tuned_lr": tuned.lrs[0], "cosine": tuned}
-        keys = [(key, s) for key in tasks for s in SCHEDULES if s != "cosine"]
-        starts = [(tasks[key][0].with_lr(runs[key]["tuned_lr"]), s) for key, s in keys]
+        tuned: dict[tuple[str, int], RunRecord] = {}  # the grid run with the lowest final validation loss
+        for f in families:
+            for i in range(args.seeds):
+                runs = sorted((r for r in grid if (r.family, r.seed) == (f, i)), key=lambda r: -r.multiplier)
+                finite = [r for r in runs if math.isfinite(r.final_val)]
+                tuned[f, i] = min(finite, key=lambda r: r.final_val) if finite else runs[len(runs) // 2]
+        task_of = {(task.family, i): task for task, _, i, m, _ in grid_jobs if m == -1.0}
+        starts: list[Job] = [(task_of[key].with_lr(r.lrs[0]), s, key[1], 1.0, policy if s.startswith("policy") else None)
+                             for key, r in tuned.items() for s in SCHEDULES if s != "cosine"]
         done = list(tqdm(pool.map(run, starts), total=len(starts), desc="from the tuned LR", unit="run"))
-    for (key, schedule), record in zip(keys, done):
-        runs[key][schedule] = record
-    ratio = {(key, s): ratio_to(runs[key][s].final_test, runs[key]["oracle"]) for key in runs for s in SCHEDULES}
+    records = done + [replace(r, multiplier=1.0) for r in tuned.values()]  # cosine from the tuned LR: the grid run
+    ev = Evaluation(families, args.seeds, [1.0], list(SCHEDULES), records, oracle_losses(grid))
     if args.out is not None:
-        args.out.write_text(json.dumps({key[0] + "/" + str(key[1]): {
-            "oracle": v["oracle"] if math.isfinite(v["oracle"]) else None, "tuned_lr": v["tuned_lr"],
-            **{s: {"lrs": v[s].lrs, "final_test": v[s].final_test if math.isfinite(v[s].final_test) else None,
-                   "ratio": ratio[key, s]} for s in SCHEDULES}} for key, v in runs.items()}) + "\n")
+        tuned_lrs = {f"{f}/{i}": r.lrs[0] for (f, i), r in tuned.items()}
+        args.out.write_text(json.dumps({**ev.to_dict(), "tuned_lr": tuned_lrs}) + "\n")
     print(f"\nfrom the tuned LR: final test loss / the best cosine run over the LR grid; mean ± std over {args.seeds} "
           "seed(s) of the geometric mean over families\n")
     print("| schedule | from the tuned LR | " + " | ".join(families) + " |")
     print("|---|---|" + "---|" * len(families))
     for s in SCHEDULES:
-        per_seed = [math.exp(statistics.mean(math.log(ratio[(f, i), s]) for f in families)) for i in range(args.seeds)]
-        spread = statistics.pstdev(per_seed)  # population std over seeds, as envs.evaluation reports
-        cells = [f"{statistics.mean(ratio[(f, i), s] for i in range(args.seeds)):.2f}" for f in families]
-        print(f"| {s} | {statistics.mean(per_seed):.3f} ± {spread:.3f} | " + " | ".join(cells) + " |")
+        mean, std = ev.aggregate(s, 1.0)
+        cells = [f"{ev.aggregate(s, 1.0, f)[0]:.2f}" for f in families]
+        print(f"| {s} | {mean:.3f} ± {std:.3f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -332,6 +332,17 @@ class Evaluation:
         }
 
 
+def oracle_losses(records: Iterable[RunRecord]) -> dict[str, float]:
+    """``"family/seed"`` → the oracle's final test loss: the best over that task's grid runs (negative multipliers),
+    ``inf`` when every one diverged. The other records are ignored."""
+    oracle: dict[str, float] = {}
+    for r in records:
+        if r.multiplier < 0:
+            key = f"{r.family}/{r.seed}"
+            oracle[key] = min(oracle.get(key, math.inf), r.final_test if math.isfinite(r.final_test) else math.inf)
+    return oracle
+
+
 def evaluate_policy(
     policy: PolicyNet | None,
     families: Sequence[str],
@@ -358,14 +369,7 @@ def evaluate_policy(
                 for name in baselines:
                     jobs.append((task, name, None, i, multiplier, device, True))
     records = run_jobs(jobs, pool, progress)
-    oracle: dict[str, float] = {}
-    for r in records:
-        if r.multiplier < 0:
-            key = f"{r.family}/{r.seed}"
-            if math.isfinite(r.final_test):
-                oracle[key] = min(oracle.get(key, math.inf), r.final_test)
-            else:
-                oracle.setdefault(key, math.inf)
+    oracle = oracle_losses(records)
     schedules = (["policy"] if policy is not None else []) + list(baselines)
     return Evaluation(list(families), seeds, list(multipliers), schedules,
                       [r for r in records if r.multiplier > 0], oracle, policy_accuracy)

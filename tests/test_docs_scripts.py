@@ -52,8 +52,8 @@ def test_outside_suite_from_tuned_starts_every_schedule_at_the_grid_lr_the_valid
     assert result.returncode == 0, result.stderr
     records = json.loads(out.read_text())["records"]
     grid = [r for r in records if r["multiplier"] < 0]
-    assert len(grid) == 7 and all(r["val_loss"] is not None for r in grid)
-    tuned = min(grid, key=lambda r: r["val_loss"])
+    assert len(grid) == 7 and not any(r["diverged"] for r in grid)
+    tuned = min(grid, key=lambda r: r["final_val"])
     runs = {r["schedule"]: r for r in records if r["multiplier"] > 0}
     assert set(runs) == {"policy_no_acc", "policy_capped", "constant", "onecycle", "plateau"}  # cosine: `tuned`
     assert all(r["multiplier"] == -tuned["multiplier"] for r in runs.values())
@@ -61,7 +61,7 @@ def test_outside_suite_from_tuned_starts_every_schedule_at_the_grid_lr_the_valid
     assert all(r["lrs"][0] == start for s, r in runs.items() if s != "onecycle")
     assert max(runs["onecycle"]["lrs"]) == pytest.approx(start)  # its peak: it starts lower
     assert max(runs["policy_capped"]["lrs"]) <= start < max(runs["policy_no_acc"]["lrs"])  # the cap held; free, it rose
-    cosine = tuned["test_loss"] / min(r["test_loss"] for r in grid)
+    cosine = tuned["final_test"] / min(r["final_test"] for r in grid)
     assert f"| cosine | {cosine:.2f} ± 0.00 |" in result.stdout.replace("**", "")
     reprinted = run("outside_suite.py", "--tables", str(out))
     assert reprinted.returncode == 0 and reprinted.stdout.strip() in result.stdout, reprinted.stderr
@@ -85,15 +85,20 @@ def test_tuned_start_runs_every_schedule_from_the_grid_point_the_validation_loss
     out = tmp_path / "tuned.json"
     result = run("tuned_start.py", "--families", "blobs_mlp", "--seeds", "1", "--workers", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    task = json.loads(out.read_text())["blobs_mlp/0"]
+    saved = json.loads(out.read_text())
+    tuned_lr = saved["tuned_lr"]["blobs_mlp/0"]
     grid = [evaluation_tasks("blobs_mlp", 1, m)[0].lr for m in ORACLE_GRID]
-    assert task["tuned_lr"] in grid
+    assert tuned_lr in grid
     schedules = ("policy", "policy_capped", "constant", "cosine", "onecycle", "plateau")
-    assert all(task[s]["lrs"][0] == task["tuned_lr"] for s in schedules if s != "onecycle")  # OneCycle: a peak
-    assert max(task["onecycle"]["lrs"]) <= task["tuned_lr"] * (1 + 1e-9)
-    assert max(task["policy_capped"]["lrs"]) <= task["tuned_lr"]  # max_lr: the capped policy only lowers the LR
-    assert task["cosine"]["ratio"] >= 1.0  # the cosine run from the tuned LR is one of the grid's: the oracle is <=
-    assert len(set(task["constant"]["lrs"])) == 1
+    runs = {r["schedule"]: r for r in saved["records"]}
+    assert set(runs) == set(schedules) and all(r["multiplier"] == 1.0 for r in runs.values())  # x1 the tuned LR
+    assert all(runs[s]["lrs"][0] == tuned_lr for s in schedules if s != "onecycle")  # OneCycle: a peak
+    assert max(runs["onecycle"]["lrs"]) <= tuned_lr * (1 + 1e-9)
+    assert max(runs["policy_capped"]["lrs"]) <= tuned_lr  # max_lr: the capped policy only lowers the LR
+    # the cosine run from the tuned LR is one of the grid's: the oracle is at most its loss
+    assert saved["oracle"]["blobs_mlp/0"] <= runs["cosine"]["final_test"]
+    assert saved["summary"]["x1"]["cosine"]["mean"] >= 1.0
+    assert len(set(runs["constant"]["lrs"])) == 1
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "±" in line]
     assert [row.split("|")[1].strip() for row in rows] == list(schedules)
 

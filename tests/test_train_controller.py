@@ -706,6 +706,18 @@ def test_ratio_counts_divergence_on_either_side():
     assert ratio_to(0.1, 0.0) == RATIO_CAP and ratio_to(0.0, 0.0) == 1.0 and ratio_to(0.0, 0.5) == 1 / RATIO_CAP
 
 
+def test_the_oracle_is_the_best_finite_grid_run_of_each_task():
+    from envs.evaluation import RunRecord, oracle_losses
+
+    def record(family, seed, multiplier, final_test):
+        return RunRecord(family, seed, multiplier, "cosine", final_test=final_test)
+
+    records = [record("a", 0, -1.0, 0.5), record("a", 0, -3.0, math.inf), record("a", 0, -9.0, 0.4),
+               record("a", 1, -1.0, math.nan), record("a", 1, -3.0, math.inf),  # every grid run diverged
+               record("a", 0, 1.0, 0.1), record("b", 0, 10.0, 0.2)]  # not grid runs: ignored
+    assert oracle_losses(records) == {"a/0": 0.4, "a/1": math.inf}
+
+
 def test_selection_and_evaluation_tasks_differ_and_families_are_independent():
     from envs.evaluation import SELECTION_SEED, evaluation_tasks
 
