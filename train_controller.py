@@ -64,6 +64,7 @@ from envs.evaluation import (  # noqa: E402
     MULTIPLIERS,
     SELECTION_SEED,
     Evaluation,
+    Job,
     RunRecord,
     evaluate_policy,
     evaluation_tasks,
@@ -332,8 +333,8 @@ class Validator:
     def __call__(self, net: PolicyNet) -> tuple[float, dict[str, float], list[RunRecord], list[RunRecord]]:
         device = self.device
         if self._cosine is None:
-            self._cosine = run_jobs([(t, "cosine", None, i, m, device, True) for f, i, m, t in self.tasks], self.pool)
-        policy = run_jobs([(t, "policy", net, i, m, device, True) for f, i, m, t in self.tasks], self.pool)
+            self._cosine = run_jobs([Job(t, "cosine", None, i, m, device) for f, i, m, t in self.tasks], self.pool)
+        policy = run_jobs([Job(t, "policy", net, i, m, device) for f, i, m, t in self.tasks], self.pool)
         ratios = [ratio_to(p.final_val, c.final_val) for p, c in zip(policy, self._cosine)]
         metrics = {"val/ratio_vs_cosine": geomean(ratios)}
         for m in MULTIPLIERS:

@@ -22,39 +22,22 @@ import sys
 from pathlib import Path
 from dataclasses import replace
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
-from controller import PolicyNet, load_policy  # noqa: E402
+from controller import load_policy  # noqa: E402
 from envs import FAMILIES, VALIDATION_FAMILIES  # noqa: E402
 from envs.evaluation import (  # noqa: E402
     ORACLE_GRID,
     Evaluation,
+    Job,
     RunRecord,
     evaluation_tasks,
     make_pool,
     oracle_losses,
-    run_schedule,
+    run_jobs,
 )
-from envs.tasks import TaskConfig  # noqa: E402
 
 SCHEDULES = ("policy", "policy_capped", "constant", "cosine", "onecycle", "plateau")
-
-Job = tuple[TaskConfig, str, int, float, PolicyNet | None]
-"""``(task, schedule, seed index, multiplier, policy)``: a negative multiplier marks a grid run, 1.0 a run from the
-tuned LR (``x1`` of it)."""
-
-
-def run(job: Job) -> RunRecord:
-    """One inner run; ``policy_capped`` is the policy with ``max_lr`` = the task's LR."""
-    task, schedule, seed_index, multiplier, policy = job
-    torch.set_num_threads(1)
-    if schedule.startswith("policy"):
-        options = {"max_lr": task.lr} if schedule == "policy_capped" else None
-        record = run_schedule(task, "policy", policy, seed_index=seed_index, multiplier=multiplier,
-                              policy_options=options)
-        return replace(record, schedule=schedule)
-    return run_schedule(task, schedule, seed_index=seed_index, multiplier=multiplier)
+"""``policy_capped``: the policy with ``max_lr`` = the tuned LR."""
 
 
 def main() -> None:
@@ -73,20 +56,25 @@ def main() -> None:
     from tqdm import tqdm
 
     policy = load_policy(None)
-    grid_jobs: list[Job] = [(task, "cosine", i, -m, None) for f in families for m in ORACLE_GRID
-                            for i, task in enumerate(evaluation_tasks(f, args.seeds, m))]  # one draw, 7 LRs
+    grid_jobs = [Job(task, "cosine", None, i, -m) for f in families for m in ORACLE_GRID
+                 for i, task in enumerate(evaluation_tasks(f, args.seeds, m))]  # one draw, 7 LRs
     with make_pool(args.workers) as pool:
-        grid = list(tqdm(pool.map(run, grid_jobs), total=len(grid_jobs), desc="grid", unit="run"))
+        with tqdm(total=len(grid_jobs), desc="grid", unit="run") as bar:
+            grid = run_jobs(grid_jobs, pool, bar.update)
         tuned: dict[tuple[str, int], RunRecord] = {}  # the grid run with the lowest final validation loss
         for f in families:
             for i in range(args.seeds):
                 runs = sorted((r for r in grid if (r.family, r.seed) == (f, i)), key=lambda r: -r.multiplier)
                 finite = [r for r in runs if math.isfinite(r.final_val)]
                 tuned[f, i] = min(finite, key=lambda r: r.final_val) if finite else runs[len(runs) // 2]
-        task_of = {(task.family, i): task for task, _, i, m, _ in grid_jobs if m == -1.0}
-        starts: list[Job] = [(task_of[key].with_lr(r.lrs[0]), s, key[1], 1.0, policy if s.startswith("policy") else None)
-                             for key, r in tuned.items() for s in SCHEDULES if s != "cosine"]
-        done = list(tqdm(pool.map(run, starts), total=len(starts), desc="from the tuned LR", unit="run"))
+        task_of = {(job.task.family, job.seed_index): job.task for job in grid_jobs if job.multiplier == -1.0}
+        labels = [(key, s) for key in tuned for s in SCHEDULES if s != "cosine"]
+        starts = [Job(task_of[key].with_lr(tuned[key].lrs[0]), "policy" if s.startswith("policy") else s,
+                      policy if s.startswith("policy") else None, key[1], 1.0, policy_accuracy=True,
+                      policy_options={"max_lr": tuned[key].lrs[0]} if s == "policy_capped" else None)
+                  for key, s in labels]
+        with tqdm(total=len(starts), desc="from the tuned LR", unit="run") as bar:
+            done = [replace(r, schedule=s) for r, (_, s) in zip(run_jobs(starts, pool, bar.update), labels)]
     records = done + [replace(r, multiplier=1.0) for r in tuned.values()]  # cosine from the tuned LR: the grid run
     ev = Evaluation(families, args.seeds, [1.0], list(SCHEDULES), records, oracle_losses(grid))
     if args.out is not None:

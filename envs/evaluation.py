@@ -196,15 +196,24 @@ def geomean(values: Iterable[float]) -> float:
     return float(math.exp(np.mean(np.log(vals)))) if vals else math.nan
 
 
-Job = tuple[TaskConfig, str, PolicyNet | None, int, float, str, bool]
-"""One inner run: (task, schedule, policy, seed index, multiplier, device, policy_accuracy) for :func:`run_schedule`."""
+@dataclass(frozen=True)
+class Job:
+    """One inner run for :func:`run_jobs`: the arguments of :func:`run_schedule`, which documents them."""
+
+    task: TaskConfig
+    schedule: str
+    policy: PolicyNet | None = None
+    seed_index: int = 0
+    multiplier: float = math.nan
+    device: str = "cpu"
+    policy_accuracy: bool = True
+    policy_options: Mapping[str, Any] | None = None
 
 
-def _job(args: Job) -> RunRecord:
-    task, schedule, policy, seed_index, multiplier, device, accuracy = args
+def _job(job: Job) -> RunRecord:
     torch.set_num_threads(1)
-    return run_schedule(task, schedule, policy, seed_index=seed_index, multiplier=multiplier, device=device,
-                        policy_accuracy=accuracy)
+    return run_schedule(job.task, job.schedule, job.policy, seed_index=job.seed_index, multiplier=job.multiplier,
+                        device=job.device, policy_accuracy=job.policy_accuracy, policy_options=job.policy_options)
 
 
 def exit_with(parent_pid: int) -> None:
@@ -361,13 +370,13 @@ def evaluate_policy(
     for family in families:
         for multiplier in ORACLE_GRID:
             for i, task in enumerate(evaluation_tasks(family, seeds, multiplier)):
-                jobs.append((task, "cosine", None, i, -multiplier, device, True))  # negative: oracle grid
+                jobs.append(Job(task, "cosine", None, i, -multiplier, device))  # negative: oracle grid
         for multiplier in multipliers:
             for i, task in enumerate(evaluation_tasks(family, seeds, multiplier)):
                 if policy is not None:
-                    jobs.append((task, "policy", policy, i, multiplier, device, policy_accuracy))
+                    jobs.append(Job(task, "policy", policy, i, multiplier, device, policy_accuracy))
                 for name in baselines:
-                    jobs.append((task, name, None, i, multiplier, device, True))
+                    jobs.append(Job(task, name, None, i, multiplier, device))
     records = run_jobs(jobs, pool, progress)
     oracle = oracle_losses(records)
     schedules = (["policy"] if policy is not None else []) + list(baselines)
