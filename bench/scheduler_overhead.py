@@ -31,7 +31,11 @@ Targets: ≤ 2 % added step time, ≤ 0.1 ms per decision. Ends with five machin
 way in the same run: a baseline for the machine's state; 6.8–8.3 on the development VM and the H100 machine's CPU
 while the absolute time ranged over 0.20–0.27 ms).
 
-Usage: ``python bench/scheduler_overhead.py [--epochs 30] [--threads 1] [--device cpu]``
+``--parts ROUNDS`` then breaks a decision right after an epoch down: each part of ``scheduler.step`` (the hook's
+summary, the features, the policy's forward pass, the safety rule) timed alone after its own epoch, beside single
+NumPy and torch calls timed the same way: the floor that any code calling a native library pays there.
+
+Usage: ``python bench/scheduler_overhead.py [--epochs 30] [--threads 1] [--device cpu] [--parts 10]``
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import argparse
 import statistics
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -86,15 +92,82 @@ def decide(scheduler, train_loss: float, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def parts(scheduler: PolicyScheduler, train_epoch: Callable[[], float], rounds: int, device: torch.device) -> None:
+    """Print where a decision right after an epoch goes: each part of ``scheduler.step`` timed alone after its own
+    epoch ("cold", as the decision sees it) and repeated from the same state ("warm"), beside single NumPy and torch
+    calls timed the same way (the floor any Python code that calls a native library pays after an epoch)."""
+    import numpy as np
+
+    from controller.actions import next_lr
+
+    n = scheduler.policy.n_features
+    obs, w, v, h = np.zeros(n, np.float32), np.ones((64, n), np.float32), np.ones(n, np.float32), np.empty(64, np.float32)
+    collected = [scheduler._hook.collect()]
+    timed: dict[str, Callable[[], object]] = {
+        "scheduler.step (the decision)": lambda: scheduler.step(1.05, train_loss=1.0),
+        "  hook.collect": scheduler._hook.collect,
+        "  features.observe": lambda: scheduler.features.observe(epoch=scheduler.last_epoch, lr=1e-4, train_loss=1.0,
+                                                               val_loss=1.05, val_accuracy=None, stats=collected[0]),
+        "  policy.act": lambda: scheduler.policy.act(obs),
+        "  actions.next_lr": lambda: next_lr(1e-4, 1e-4, 0.3, val_loss=1.0, best_val_loss=0.9,
+                                             config=scheduler.action_config),
+        "np.dot (64x19 by 19)": lambda: np.dot(w, v, out=h),
+        "np.tanh (64)": lambda: np.tanh(h, out=h),
+        "torch.zeros(3)": lambda: torch.zeros(3),
+        "an empty Python call": lambda: None,
+    }
+    cold: dict[str, list[float]] = {k: [] for k in timed}
+    warm: dict[str, list[float]] = {k: [] for k in timed}
+    stateful = {name for name in timed if name.startswith(("scheduler", "  hook", "  features"))}
+
+    def restore(state: dict, lrs: list[float]) -> None:  # the state and LR these epochs start from: never decided
+        scheduler.load_state_dict(state)
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a repeated decision follows no optimizer step
+        for _ in range(rounds):
+            for name, fn in timed.items():
+                state, lrs = scheduler.state_dict(), [group["lr"] for group in scheduler.optimizer.param_groups]
+                train_epoch()
+                if "observe" in name:  # its input: this epoch's signals, collected untimed
+                    collected[0] = scheduler._hook.collect()
+                after = scheduler.state_dict()
+                times = []
+                for repeat in range(4):  # warm: the third repeat, as in the main rounds
+                    if repeat and name in stateful:  # the same call from the same state
+                        restore(after, lrs)
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(device)
+                    times.append(1e6 * (time.perf_counter() - t0))
+                cold[name].append(times[0])
+                warm[name].append(times[-1])
+                restore(state, lrs)
+    print(f"\nwhere a decision right after an epoch goes (median of {rounds} epoch(s) per row, us): each part alone "
+          "after its own epoch, then warm: the third repeat from the same state")
+    header = f"{'part':32s} {'after an epoch':>15s} {'warm':>8s}"
+    print(header)
+    print("-" * len(header))
+    for name in timed:
+        print(f"{name:32s} {statistics.median(cold[name]):15.1f} {statistics.median(warm[name]):8.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=30, help="timed epochs per variant (interleaved)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--parts", type=int, default=0, metavar="ROUNDS",
+                        help="afterwards, time each part of a decision (and single NumPy / torch calls, the floor) "
+                             "right after an epoch and again warm, ROUNDS epochs each (default 0: skip)")
     args = parser.parse_args()
     for name in ("epochs", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.parts < 0:
+        parser.error(f"--parts must be >= 0, got {args.parts}")
     try:
         device = check_device(args.device)  # a device this machine lacks: named before any timing
     except ValueError as err:
@@ -185,6 +258,10 @@ def main() -> None:
           f"{warm * 1e3:.0f} us (CosineAnnealingLR.step: {cosine_cold * 1e3:.0f} us and {cosine_warm * 1e3:.0f} us)")
     print(f"the decision costs {cold / cosine_cold:.1f}x CosineAnnealingLR.step right after an epoch and "
           f"{warm / cosine_warm:.1f}x with warm caches (the same-run baseline for the VM's state)")
+    if args.parts:
+        hook._handle = opt.register_step_post_hook(hook_fn)
+        parts(policy, lambda: epoch(model, opt, x, y, device)[1], args.parts, device)
+        hook.remove()
     print(f"overhead_pct {overhead:.3f}")
     print(f"overhead_pct_raw {raw:.3f}")
     print(f"decision_ms {cold:.4f}")
