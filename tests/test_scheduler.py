@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import inspect
 import io
@@ -872,10 +873,12 @@ def test_two_schedulers_deciding_for_one_optimizer_are_warned_about_once_a_repla
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-def test_under_torch_compile_the_hook_runs_eagerly_and_breaks_no_graph():
-    """A compiled optimizer step (torch's recipe: ``torch.compile`` around ``opt.step()``, a tensor LR) with the
-    policy attached breaks the graph where ``CosineAnnealingLR`` does (torch skips its schedulers' step wrapper)
-    and nowhere else: traced, the hook's reads into host memory would add breaks and log warnings."""
+@pytest.mark.parametrize("compiled", ["optimizer step", "train step"])
+def test_under_torch_compile_the_hook_runs_eagerly_and_breaks_no_graph(compiled):
+    """A compiled optimizer step (torch's recipe: ``torch.compile`` around ``opt.step()``, a tensor LR), or a compiled
+    train step that calls it, with the policy attached breaks the graph where ``CosineAnnealingLR`` does (torch skips
+    its schedulers' step wrapper) and nowhere else: traced, the hook's reads into host memory would add breaks and
+    log warnings."""
     import torch._dynamo
 
     def graph_breaks(make_scheduler):
@@ -885,14 +888,22 @@ def test_under_torch_compile_the_hook_runs_eagerly_and_breaks_no_graph():
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
         opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3))
         scheduler = make_scheduler(opt)
-        compiled_step = torch.compile(opt.step)
         x, y = torch.randn(32, 8), torch.randn(32, 1)
+
+        def train_step(optimizer_step):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            optimizer_step()
+            return loss
+
+        if compiled == "optimizer step":
+            step = functools.partial(train_step, torch.compile(opt.step))
+        else:
+            step = functools.partial(torch.compile(train_step), opt.step)
         for _ in range(2):
             for _ in range(4):
-                opt.zero_grad()
-                loss = torch.nn.functional.mse_loss(model(x), y)
-                loss.backward()
-                compiled_step()
+                loss = step()
             if isinstance(scheduler, PolicyScheduler):
                 scheduler.step(loss.item(), train_loss=loss.item())
             else:
