@@ -67,6 +67,30 @@ def test_outside_suite_from_tuned_starts_every_schedule_at_the_grid_lr_the_valid
     assert reprinted.returncode == 0 and reprinted.stdout.strip() in result.stdout, reprinted.stderr
 
 
+def test_outside_suite_tables_score_against_the_grid_and_let_a_regression_policy_stand_for_both(monkeypatch):
+    """The tables from records alone (no training): ratios to the best grid run, the geometric mean over scenarios per
+    seed, and on a regression (no accuracy either way) the policy's run standing for ``policy_no_acc`` too."""
+    import importlib.util
+
+    from envs.evaluation import MULTIPLIERS, RunRecord
+
+    spec = importlib.util.spec_from_file_location("outside_suite", DOCS / "outside_suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "outside_suite", suite)  # its dataclasses look their module up
+    spec.loader.exec_module(suite)
+    records = []
+    for seed, best in enumerate((1.0, 2.0)):
+        for name, scale in (("regression_large_scale", 1.0), ("rmsprop", 4.0)):
+            records += [RunRecord(name, seed, -g, "cosine", final_test=scale * best * g) for g in (1.0, 3.0)]
+            records += [RunRecord(name, seed, m, s, final_test=scale * best * (1.5 if s.startswith("policy") else 2.0))
+                        for m in MULTIPLIERS for s in suite.SCHEDULES
+                        if not (s == "policy_no_acc" and name == "regression_large_scale")]
+    text = suite.tables(records)
+    assert "| policy | **1.50 ± 0.00** | **1.50 ± 0.00** | **1.50 ± 0.00** |" in text
+    assert "| constant | 2.00 ± 0.00 | 2.00 ± 0.00 | 2.00 ± 0.00 |" in text
+    assert "| regression_large_scale | ×1 | **1.50 ± 0.00** | **1.50 ± 0.00** | 2.00 ± 0.00 |" in text
+
+
 def test_outside_suite_refuses_a_file_that_is_no_saved_run(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"records": 1}')
