@@ -23,6 +23,7 @@ over seeds. Data: 60 % train, 20 % validation (what the schedules see), 20 % tes
 
     python docs/outside_suite.py --out o.json          # 5 seeds, ~12 min on 2 cores; prints Markdown tables
     python docs/outside_suite.py --tables o.json       # the tables again, from the saved runs
+    python docs/outside_suite.py --tables o.json --plot docs/outside_suite_lrs.png   # and the LR paths of seed 0
     python docs/outside_suite.py --seeds 1 --scenarios iris_fullbatch
     python docs/outside_suite.py --from-tuned --out t.json    # every schedule from the LR a grid search picks
 
@@ -59,6 +60,7 @@ from envs.evaluation import (  # noqa: E402
     make_baseline,
     make_pool,
     oracle_losses,
+    ratio_to,
 )
 
 SCHEDULES = ("policy", "policy_no_acc", "constant", "cosine", "onecycle", "plateau")
@@ -264,6 +266,51 @@ def tuned_tables(records: list[RunRecord]) -> str:
     return "\n".join(lines)
 
 
+COLORS = {"policy_no_acc": "C0", "policy_capped": "C3", "cosine": "C1", "plateau": "C2"}
+"""One colour per schedule in both plots (the capped policy dashed: it often lies on the free one)."""
+
+
+def plot(records: list[RunRecord], path: Path, seed: int = 0) -> None:
+    """One panel per scenario: the LR each epoch ran at (log scale) from the usual LR (``--from-tuned``: from the
+    tuned LR) for one seed, under the policy without accuracy, cosine and ReduceLROnPlateau (and the capped policy
+    from a tuned LR), with the oracle's best grid LR dashed; each label holds its run's ratio to the oracle."""
+    from matplotlib.figure import Figure
+
+    oracle, starts = oracle_losses(records), tuned_start(records)
+    tuned = any(r.schedule == "policy_capped" for r in records)
+    names = list(dict.fromkeys(r.family for r in records))
+    schedules = ("policy_no_acc", "policy_capped", "cosine", "plateau") if tuned else ("policy_no_acc", "cosine",
+                                                                                        "plateau")
+    fig = Figure(figsize=(4.2 * min(len(names), 3), 3.4 * math.ceil(len(names) / 3)), layout="constrained")
+    axes = fig.subplots(math.ceil(len(names) / 3), min(len(names), 3), squeeze=False).ravel()
+    for ax, name in zip(axes, names):
+        key = (name, seed)
+        runs = {r.schedule: r for r in records if (r.family, r.seed) == key and r.multiplier == (
+            -starts[key].multiplier if tuned else 1.0)}
+        if tuned:
+            runs["cosine"] = starts[key]
+        elif name in {r.family for r in records if r.schedule == "policy"} and SCENARIOS[name].regression:
+            runs["policy_no_acc"] = runs["policy"]
+        for schedule in schedules:
+            r = runs[schedule]
+            ax.step(range(1, len(r.lrs) + 1), r.lrs, where="post", color=COLORS[schedule],
+                    linestyle="--" if schedule == "policy_capped" else "-",
+                    label=f"{schedule} ({ratio_to(r.final_test, oracle[f'{name}/{seed}']):.2f})")
+        best = min((r for r in records if (r.family, r.seed) == key and r.multiplier < 0),
+                   key=lambda r: r.final_test)
+        ax.axhline(best.lrs[0], color="grey", linestyle=":", linewidth=1, label="oracle's grid LR")
+        ax.set_yscale("log")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("LR")
+        ax.legend(fontsize=7)
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    start = "the tuned LR" if tuned else "the usual LR"
+    fig.suptitle(f"LR per epoch from {start}, seed {seed} (in brackets: final test loss / the oracle's)", fontsize=11)
+    fig.savefig(path, dpi=80)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5, help="seeds per scenario (default 5)")
@@ -275,6 +322,8 @@ def main() -> None:
     parser.add_argument("--from-tuned", action="store_true",
                         help="start every schedule at the grid LR with the lowest final validation loss instead of "
                              "x0.1/x1/x10 (cosine from it: the grid run itself; policy_capped: max_lr = that LR)")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                        help="also draw each scenario's LR per epoch (seed 0) under the policy and two fixed schedules")
     args = parser.parse_args()
     if args.tables is not None:
         try:
@@ -284,6 +333,8 @@ def main() -> None:
             parser.error(f"--tables: {args.tables} is no saved --out file ({type(err).__name__}: {err})")
         print(f"final test loss / the best cosine run over the LR grid; mean ± std over {seeds} seed(s)\n")
         print(tuned_tables(records) if saved.get("from_tuned") else tables(records))
+        if args.plot is not None:
+            plot(records, args.plot)
         return
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     if unknown := [n for n in names if n not in SCENARIOS]:
@@ -308,6 +359,8 @@ def main() -> None:
                                         "records": [asdict(r) for r in records]}) + "\n")
     print(f"\nfinal test loss / the best cosine run over the LR grid; mean ± std over {args.seeds} seed(s)\n")
     print(tuned_tables(records) if args.from_tuned else tables(records))
+    if args.plot is not None:
+        plot(records, args.plot)
 
 
 if __name__ == "__main__":

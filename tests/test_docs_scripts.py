@@ -42,8 +42,10 @@ def test_outside_suite_runs_every_schedule_and_the_oracle(tmp_path):
     assert len(rows) == 3 and all(row.count("±") == len(schedules) for row in rows)
     summary = [line for line in result.stdout.splitlines() if line.startswith("| policy")]
     assert len(summary) == 2 and all(line.count("±") == 3 for line in summary)  # policy, policy_no_acc at x0.1/x1/x10
-    reprinted = run("outside_suite.py", "--tables", str(out))  # the tables again from the saved file, no training
+    png = tmp_path / "lrs.png"  # the tables again from the saved file, no training, and the LR paths drawn
+    reprinted = run("outside_suite.py", "--tables", str(out), "--plot", str(png))
     assert reprinted.returncode == 0 and reprinted.stdout.strip() in result.stdout, reprinted.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_outside_suite_from_tuned_starts_every_schedule_at_the_grid_lr_the_validation_loss_picks(tmp_path):
@@ -63,8 +65,10 @@ def test_outside_suite_from_tuned_starts_every_schedule_at_the_grid_lr_the_valid
     assert max(runs["policy_capped"]["lrs"]) <= start < max(runs["policy_no_acc"]["lrs"])  # the cap held; free, it rose
     cosine = tuned["final_test"] / min(r["final_test"] for r in grid)
     assert f"| cosine | {cosine:.2f} ± 0.00 |" in result.stdout.replace("**", "")
-    reprinted = run("outside_suite.py", "--tables", str(out))
+    png = tmp_path / "tuned.png"
+    reprinted = run("outside_suite.py", "--tables", str(out), "--plot", str(png))
     assert reprinted.returncode == 0 and reprinted.stdout.strip() in result.stdout, reprinted.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_outside_suite_tables_score_against_the_grid_and_let_a_regression_policy_stand_for_both(monkeypatch):
