@@ -11,6 +11,7 @@ over seeds. Tasks are ``envs.evaluation.evaluation_tasks`` (the model card's), o
 
     python docs/tuned_start.py                          # validation families, 5 seeds: ~10 min on 2 cores
     python docs/tuned_start.py --families blobs_mlp --seeds 1 --out /tmp/t.json
+    python docs/tuned_start.py --tables /tmp/t.json     # the table again, from the saved runs
 """
 
 from __future__ import annotations
@@ -47,7 +48,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU)")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write the evaluation here (JSON: envs.evaluation.Evaluation's, with each tuned LR)")
+    parser.add_argument("--tables", type=Path, default=None, metavar="JSON",
+                        help="print the table of a saved --out file instead of running anything")
     args = parser.parse_args()
+    if args.tables is not None:
+        try:
+            ev = Evaluation.from_dict(json.loads(args.tables.read_text()))
+        except (OSError, ValueError) as err:
+            parser.error(f"--tables: {args.tables} is no saved --out file ({err})")
+        print(table(ev))
+        return
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     if not families or (unknown := [f for f in families if f not in FAMILIES]):
         parser.error(f"--families: unknown {unknown if families else 'none given'}; known: {', '.join(FAMILIES)}")
@@ -80,15 +90,20 @@ def main() -> None:
     if args.out is not None:
         tuned_lrs = {f"{f}/{i}": r.lrs[0] for (f, i), r in tuned.items()}
         args.out.write_text(json.dumps({**ev.to_dict(), "tuned_lr": tuned_lrs}) + "\n")
-    print(f"\nfrom the tuned LR: final test loss / the best cosine run over the LR grid; mean ± std over {args.seeds} "
-          "seed(s) of the geometric mean over families\n")
-    print("| schedule | from the tuned LR | " + " | ".join(families) + " |")
-    print("|---|---|" + "---|" * len(families))
-    for s in SCHEDULES:
-        mean, std = ev.aggregate(s, 1.0)
-        cells = [f"{ev.aggregate(s, 1.0, f)[0]:.2f}" for f in families]
-        print(f"| {s} | {mean:.3f} ± {std:.3f} | " + " | ".join(cells) + " |")
+    print(table(ev))
 
+
+def table(ev: Evaluation) -> str:
+    """Markdown: per schedule, the geometric mean over families (mean ± std over seeds), then each family's mean."""
+    lines = [f"\nfrom the tuned LR: final test loss / the best cosine run over the LR grid; mean ± std over {ev.seeds} "
+             "seed(s) of the geometric mean over families\n",
+             "| schedule | from the tuned LR | " + " | ".join(ev.families) + " |",
+             "|---|---|" + "---|" * len(ev.families)]
+    for s in ev.schedules:
+        mean, std = ev.aggregate(s, 1.0)
+        cells = [f"{ev.aggregate(s, 1.0, f)[0]:.2f}" for f in ev.families]
+        lines.append(f"| {s} | {mean:.3f} ± {std:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

@@ -320,6 +320,23 @@ class Evaluation:
             out["blew_up"] += r.blew_up
         return out
 
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any]) -> Evaluation:
+        """The evaluation a :meth:`to_dict` (read back from JSON) holds: its scores are recomputed from its records.
+
+        Raises:
+            ValueError: ``saved`` is not such a dict (its missing or malformed part is named).
+        """
+        try:
+            protocol = saved["protocol"]
+            schedules = protocol.get("schedules") or list(next(iter(saved["summary"].values())))  # older files
+            return cls(list(protocol["families"]), int(protocol["seeds"]), [float(m) for m in protocol["multipliers"]],
+                       list(schedules), [RunRecord(**r) for r in saved["records"]],
+                       {str(k): float(v) for k, v in saved["oracle"].items()},
+                       bool(protocol.get("policy_accuracy", True)))
+        except (KeyError, TypeError, ValueError, AttributeError, StopIteration) as err:
+            raise ValueError(f"not a saved evaluation ({type(err).__name__}: {err})") from None
+
     def to_dict(self) -> dict[str, Any]:
         summary = {
             f"x{m:g}": {s: dict(zip(("mean", "std"), self.aggregate(s, m))) for s in self.schedules}
@@ -331,7 +348,7 @@ class Evaluation:
         }
         return {
             "protocol": {"families": self.families, "seeds": self.seeds, "multipliers": self.multipliers,
-                         "oracle_grid": list(ORACLE_GRID), "ratio_cap": RATIO_CAP,
+                         "schedules": self.schedules, "oracle_grid": list(ORACLE_GRID), "ratio_cap": RATIO_CAP,
                          "policy_accuracy": self.policy_accuracy},
             "summary": summary,
             "per_family": per_family,

@@ -129,6 +129,12 @@ def test_tuned_start_runs_every_schedule_from_the_grid_point_the_validation_loss
     assert len(set(runs["constant"]["lrs"])) == 1
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "±" in line]
     assert [row.split("|")[1].strip() for row in rows] == list(schedules)
+    reprinted = run("tuned_start.py", "--tables", str(out))  # the table again from the saved file, no training
+    assert reprinted.returncode == 0 and reprinted.stdout.strip() in result.stdout, reprinted.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"records": []}')
+    refused = run("tuned_start.py", "--tables", str(bad))
+    assert refused.returncode == 2 and "is no saved --out file (not a saved evaluation" in refused.stderr
 
 
 def test_tuned_start_refuses_an_unknown_family():

@@ -718,6 +718,25 @@ def test_the_oracle_is_the_best_finite_grid_run_of_each_task():
     assert oracle_losses(records) == {"a/0": 0.4, "a/1": math.inf}
 
 
+def test_an_evaluation_reads_back_from_its_json():
+    import json
+
+    from envs.evaluation import Evaluation, RunRecord
+
+    records = [RunRecord("a", seed, 1.0, schedule, lrs=[0.1, 0.05], final_test=loss, final_val=loss,
+                         diverged=not math.isfinite(loss))
+               for seed, schedule, loss in ((0, "policy", 0.5), (0, "cosine", math.inf), (1, "policy", 0.2),
+                                            (1, "cosine", 0.3))]
+    ev = Evaluation(["a"], 2, [1.0], ["policy", "cosine"], records, {"a/0": 0.4, "a/1": math.inf}, False)
+    saved = json.dumps(ev.to_dict())
+    again = Evaluation.from_dict(json.loads(saved))
+    assert json.dumps(again.to_dict()) == saved and again.aggregate("policy", 1.0) == ev.aggregate("policy", 1.0)
+    with pytest.raises(ValueError, match="not a saved evaluation .*'records'"):
+        Evaluation.from_dict({k: v for k, v in json.loads(saved).items() if k != "records"})
+    with pytest.raises(ValueError, match="not a saved evaluation"):
+        Evaluation.from_dict({"protocol": 5})
+
+
 def test_selection_and_evaluation_tasks_differ_and_families_are_independent():
     from envs.evaluation import SELECTION_SEED, evaluation_tasks
 
