@@ -57,6 +57,7 @@ from envs.evaluation import (  # noqa: E402
     RATIO_CAP,
     Evaluation,
     RunRecord,
+    grid_search_picks,
     make_baseline,
     make_pool,
     oracle_losses,
@@ -198,21 +199,16 @@ def jobs(names: list[str], seeds: int) -> list[tuple[str, int, float, str]]:
         if not (s == "policy_no_acc" and SCENARIOS[name].regression)]
 
 
-def tuned_start(records: list[RunRecord]) -> dict[tuple[str, int], RunRecord]:
-    """``(scenario, seed) -> its grid run`` with the lowest final validation loss: what a grid search on the validation
-    set picks (the middle of the grid when every run diverged)."""
-    grid: dict[tuple[str, int], list[RunRecord]] = {}
-    for r in records:
-        if r.multiplier < 0:
-            grid.setdefault((r.family, r.seed), []).append(r)
-    return {key: min((r for r in runs if math.isfinite(r.final_val)), key=lambda r: r.final_val,
-                     default=sorted(runs, key=lambda r: r.multiplier)[len(runs) // 2]) for key, runs in grid.items()}
-
-
 def tuned_jobs(grid: list[RunRecord]) -> list[tuple[str, int, float, str]]:
     """Every schedule but cosine (the grid run itself) from each scenario and seed's tuned LR."""
-    return [(name, seed, -r.multiplier, s) for (name, seed), r in tuned_start(grid).items()
+    return [(name, seed, -r.multiplier, s) for (name, seed), r in grid_search_picks(grid).items()
             for s in TUNED_SCHEDULES if s != "cosine"]
+
+
+def _with_policy_no_acc(records: list[RunRecord]) -> list[RunRecord]:
+    """``records`` and, on a regression (no accuracy either way), a copy of each policy run as ``policy_no_acc``."""
+    return records + [replace(r, schedule="policy_no_acc") for r in records
+                      if r.schedule == "policy" and SCENARIOS[r.family].regression]
 
 
 def _row(cells: list[tuple[float, float]]) -> list[str]:
@@ -233,9 +229,7 @@ def tables(records: list[RunRecord]) -> str:
     """Markdown: per initial LR, the geometric mean over scenarios (per seed; mean ± std over seeds), then each
     scenario's mean ± std over seeds. On a regression the policy gets no accuracy either way, so its run also stands
     for ``policy_no_acc``."""
-    runs = [r for r in records if r.multiplier > 0]
-    runs += [replace(r, schedule="policy_no_acc") for r in runs
-             if r.schedule == "policy" and SCENARIOS[r.family].regression]
+    runs = [r for r in _with_policy_no_acc(records) if r.multiplier > 0]
     ev = _evaluation(records, list(MULTIPLIERS), SCHEDULES, runs)
     columns = {m: _row([ev.aggregate(s, m) for s in SCHEDULES]) for m in MULTIPLIERS}
     lines = ["| schedule | " + " | ".join(f"×{m:g}" for m in MULTIPLIERS) + " |", "|---|" + "---|" * len(MULTIPLIERS)]
@@ -251,7 +245,7 @@ def tuned_tables(records: list[RunRecord]) -> str:
     """Markdown for ``--from-tuned``: the geometric mean over scenarios from the tuned LR, then each scenario's
     ratios and the grid LR its seeds picked. Every run from the tuned LR is scored as ``x1`` of it; cosine's is the
     tuned grid run itself."""
-    starts = tuned_start(records)
+    starts = grid_search_picks(records)
     runs = [replace(r, multiplier=1.0) for r in [r for r in records if r.multiplier > 0] + list(starts.values())]
     ev = _evaluation(records, [1.0], TUNED_SCHEDULES, runs)
     lines = ["| schedule | from the tuned LR |", "|---|---|"]
@@ -276,7 +270,7 @@ def plot(records: list[RunRecord], path: Path, seed: int = 0) -> None:
     from a tuned LR), with the oracle's best grid LR dashed; each label holds its run's ratio to the oracle."""
     from matplotlib.figure import Figure
 
-    oracle, starts = oracle_losses(records), tuned_start(records)
+    oracle, starts = oracle_losses(records), grid_search_picks(records)
     tuned = any(r.schedule == "policy_capped" for r in records)
     names = list(dict.fromkeys(r.family for r in records))
     schedules = ("policy_no_acc", "policy_capped", "cosine", "plateau") if tuned else ("policy_no_acc", "cosine",
@@ -285,12 +279,10 @@ def plot(records: list[RunRecord], path: Path, seed: int = 0) -> None:
     axes = fig.subplots(math.ceil(len(names) / 3), min(len(names), 3), squeeze=False).ravel()
     for ax, name in zip(axes, names):
         key = (name, seed)
-        runs = {r.schedule: r for r in records if (r.family, r.seed) == key and r.multiplier == (
+        runs = {r.schedule: r for r in _with_policy_no_acc(records) if (r.family, r.seed) == key and r.multiplier == (
             -starts[key].multiplier if tuned else 1.0)}
         if tuned:
             runs["cosine"] = starts[key]
-        elif name in {r.family for r in records if r.schedule == "policy"} and SCENARIOS[name].regression:
-            runs["policy_no_acc"] = runs["policy"]
         for schedule in schedules:
             r = runs[schedule]
             ax.step(range(1, len(r.lrs) + 1), r.lrs, where="post", color=COLORS[schedule],

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from dataclasses import replace
@@ -30,8 +29,8 @@ from envs.evaluation import (  # noqa: E402
     ORACLE_GRID,
     Evaluation,
     Job,
-    RunRecord,
     evaluation_tasks,
+    grid_search_picks,
     make_pool,
     oracle_losses,
     run_jobs,
@@ -71,16 +70,11 @@ def main() -> None:
     with make_pool(args.workers) as pool:
         with tqdm(total=len(grid_jobs), desc="grid", unit="run") as bar:
             grid = run_jobs(grid_jobs, pool, bar.update)
-        tuned: dict[tuple[str, int], RunRecord] = {}  # the grid run with the lowest final validation loss
-        for f in families:
-            for i in range(args.seeds):
-                runs = sorted((r for r in grid if (r.family, r.seed) == (f, i)), key=lambda r: -r.multiplier)
-                finite = [r for r in runs if math.isfinite(r.final_val)]
-                tuned[f, i] = min(finite, key=lambda r: r.final_val) if finite else runs[len(runs) // 2]
+        tuned = grid_search_picks(grid)
         task_of = {(job.task.family, job.seed_index): job.task for job in grid_jobs if job.multiplier == -1.0}
         labels = [(key, s) for key in tuned for s in SCHEDULES if s != "cosine"]
         starts = [Job(task_of[key].with_lr(tuned[key].lrs[0]), "policy" if s.startswith("policy") else s,
-                      policy if s.startswith("policy") else None, key[1], 1.0, policy_accuracy=True,
+                      policy if s.startswith("policy") else None, key[1], 1.0,
                       policy_options={"max_lr": tuned[key].lrs[0]} if s == "policy_capped" else None)
                   for key, s in labels]
         with tqdm(total=len(starts), desc="from the tuned LR", unit="run") as bar:

@@ -369,6 +369,17 @@ def oracle_losses(records: Iterable[RunRecord]) -> dict[str, float]:
     return oracle
 
 
+def grid_search_picks(records: Iterable[RunRecord]) -> dict[tuple[str, int], RunRecord]:
+    """``(family, seed) -> the grid run`` (negative multiplier) with the lowest final *validation* loss: the LR a grid
+    search on the validation set picks (the middle of the grid when every run diverged). Other records are ignored."""
+    grid: dict[tuple[str, int], list[RunRecord]] = {}
+    for r in records:
+        if r.multiplier < 0:
+            grid.setdefault((r.family, r.seed), []).append(r)
+    return {key: min((r for r in runs if math.isfinite(r.final_val)), key=lambda r: r.final_val,
+                     default=sorted(runs, key=lambda r: r.multiplier)[len(runs) // 2]) for key, runs in grid.items()}
+
+
 def evaluate_policy(
     policy: PolicyNet | None,
     families: Sequence[str],

@@ -718,6 +718,19 @@ def test_the_oracle_is_the_best_finite_grid_run_of_each_task():
     assert oracle_losses(records) == {"a/0": 0.4, "a/1": math.inf}
 
 
+def test_a_grid_search_picks_the_lowest_finite_validation_loss_else_the_middle_of_the_grid():
+    from envs.evaluation import ORACLE_GRID, RunRecord, grid_search_picks
+
+    def record(seed, multiplier, final_val):
+        return RunRecord("a", seed, multiplier, "cosine", final_val=final_val)
+
+    picked = [record(0, -3.0, 0.2)]
+    records = [record(0, -1.0, 0.5), record(0, -9.0, math.nan), *picked, record(0, 1.0, 0.01),  # x1: not a grid run
+               *[record(1, -g, math.inf) for g in ORACLE_GRID]]  # every grid run diverged
+    picks = grid_search_picks(records)
+    assert picks[("a", 0)] is picked[0] and picks[("a", 1)].multiplier == -1.0 and set(picks) == {("a", 0), ("a", 1)}
+
+
 def test_an_evaluation_reads_back_from_its_json():
     import json
 
