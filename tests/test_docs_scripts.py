@@ -95,16 +95,18 @@ def test_outside_suite_tables_score_against_the_grid_and_let_a_regression_policy
     assert "| regression_large_scale | ×1 | **1.50 ± 0.00** | **1.50 ± 0.00** | 2.00 ± 0.00 |" in text
 
 
-def test_outside_suite_refuses_a_file_that_is_no_saved_run(tmp_path):
+@pytest.mark.parametrize("script", ["outside_suite.py", "tuned_start.py"])
+def test_a_docs_script_refuses_a_file_that_is_no_saved_run(tmp_path, script):
     bad = tmp_path / "bad.json"
     bad.write_text('{"records": 1}')
-    result = run("outside_suite.py", "--tables", str(bad))
-    assert result.returncode == 2 and "is no saved --out file" in result.stderr
+    result = run(script, "--tables", str(bad))
+    assert result.returncode == 2 and f"--tables: {bad} is no saved --out file (" in result.stderr
 
 
-def test_outside_suite_refuses_an_unknown_scenario():
-    result = run("outside_suite.py", "--scenarios", "iris_fullbatch,nope")
-    assert result.returncode == 2 and "unknown ['nope']" in result.stderr
+@pytest.mark.parametrize("script, option", [("outside_suite.py", "--scenarios"), ("tuned_start.py", "--families")])
+def test_a_docs_script_refuses_an_unknown_name(script, option):
+    result = run(script, option, "nope")
+    assert result.returncode == 2 and f"{option}: unknown ['nope']" in result.stderr
 
 
 def test_tuned_start_runs_every_schedule_from_the_grid_point_the_validation_loss_picks(tmp_path):
@@ -131,12 +133,3 @@ def test_tuned_start_runs_every_schedule_from_the_grid_point_the_validation_loss
     assert [row.split("|")[1].strip() for row in rows] == list(schedules)
     reprinted = run("tuned_start.py", "--tables", str(out))  # the table again from the saved file, no training
     assert reprinted.returncode == 0 and reprinted.stdout.strip() in result.stdout, reprinted.stderr
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"records": []}')
-    refused = run("tuned_start.py", "--tables", str(bad))
-    assert refused.returncode == 2 and "is no saved --out file (not a saved evaluation" in refused.stderr
-
-
-def test_tuned_start_refuses_an_unknown_family():
-    result = run("tuned_start.py", "--families", "nope")
-    assert result.returncode == 2 and "unknown ['nope']" in result.stderr
