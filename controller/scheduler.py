@@ -592,9 +592,10 @@ class PolicyScheduler(LRScheduler):
         if not isinstance(state["history"], list) or not all(isinstance(h, dict) for h in state["history"]):
             raise ValueError("PolicyScheduler state 'history' must be a list of dicts")
         _check_plain_state(state)
-        # per-group lists hold one entry per group the saved optimizer had (groups added since the save are fine:
-        # they join as groups added later do); more than this optimizer has means another model or optimizer
-        saved_groups = max(len(state.get(key, ())) for key in ("min_lrs", "max_lrs", "_last_lr", "_raw_lrs"))
+        # _last_lr holds one LR per group the saved optimizer had at its last step (the per-group bounds grow with it;
+        # groups added since the save are fine: they join as groups added later do); more than this optimizer has
+        # means another model or optimizer
+        saved_groups = len(state["_last_lr"])
         if saved_groups > len(self.optimizer.param_groups):
             raise ValueError(
                 f"this PolicyScheduler state was saved with {saved_groups} param groups and this scheduler's optimizer "
