@@ -56,7 +56,8 @@ from controller.checkpoint import default_policy_path, load_policy, save_policy 
 from controller.features import FEATURE_NAMES  # noqa: E402
 from controller.policy import PolicyNet  # noqa: E402
 from envs import (  # noqa: E402
-    TEST_FAMILIES, TRAIN_FAMILIES, VALIDATION_FAMILIES, EnvConfig, check_device, get_family, resolve_device,
+    LOCAL_FAMILIES, TEST_FAMILIES, TRAIN_FAMILIES, VALIDATION_FAMILIES, EnvConfig, check_device, get_family,
+    local_data, resolve_device,
 )
 from envs.batched import make_vec_env as batched_vec_env  # noqa: E402
 from envs.evaluation import (  # noqa: E402
@@ -68,8 +69,9 @@ from envs.evaluation import (  # noqa: E402
     RunRecord,
     evaluate_policy,
     evaluation_tasks,
-    exit_with,
     geomean,
+    init_worker,
+    init_worker_args,
     make_pool,
     n_jobs,
     ratio_to,
@@ -409,10 +411,10 @@ def make_vec_env(cfg: TrainConfig) -> VecEnv:
     def subprocesses(fns: list[Any]) -> VecEnv:
         if len(fns) <= 1:
             return DummyVecEnv(fns)
-        parent = os.getpid()
+        worker_args = init_worker_args()
 
         def in_worker(make: Any) -> Any:  # runs in the env's subprocess: it ends with this process, even a killed one
-            exit_with(parent)
+            init_worker(*worker_args)
             return make()
 
         return SubprocVecEnv([functools.partial(in_worker, fn) for fn in fns], start_method="forkserver")
@@ -795,6 +797,7 @@ def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path
         net = load_policy(policy)
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
+    check_local_data(families)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -850,7 +853,8 @@ def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path
 _D = TrainConfig()
 
 
-FAMILY_SPLITS = {"train": TRAIN_FAMILIES, "validation": VALIDATION_FAMILIES, "test": TEST_FAMILIES}
+FAMILY_SPLITS = {"train": TRAIN_FAMILIES, "validation": VALIDATION_FAMILIES, "test": TEST_FAMILIES,
+                 "local": LOCAL_FAMILIES}
 """Names that stand for a whole split in ``--families`` / ``--eval-families``."""
 
 
@@ -865,6 +869,28 @@ def _families(ctx: click.Context, param: click.Parameter, value: str) -> tuple[s
         except ValueError as err:
             raise click.BadParameter(str(err)) from None
     return names
+
+
+def _data_root(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    if value is not None:
+        local_data.set_data_root(value)  # this process; worker processes get it from init_worker
+    return value
+
+
+data_root_option = click.option(
+    "--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), envvar=local_data.DATA_ROOT_ENV,
+    show_envvar=True, callback=_data_root, expose_value=False, is_eager=True,
+    help=f"Root of a local torchvision download (the root= you gave torchvision.datasets), read by the local "
+         f"families ({','.join(LOCAL_FAMILIES)}). Nothing is downloaded.")
+
+
+def check_local_data(families: Sequence[str]) -> None:
+    """Read the local datasets ``families`` need now, so that a missing or broken one is reported before any work."""
+    for name in dict.fromkeys(f for f in families if f in LOCAL_FAMILIES):
+        try:
+            get_family(name).data()
+        except (FileNotFoundError, ValueError) as err:
+            raise click.ClickException(f"{name}: {err}") from None
 
 
 def _net(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -902,6 +928,7 @@ def cli() -> None:
 @click.option("--eval-seeds", type=click.IntRange(min=1), default=_D.eval_seeds, help="Tasks per validation family and LR multiplier.")
 @click.option("--eval-families", callback=_families, default=",".join(_D.eval_families), help="Comma-separated validation families of the periodic evaluation.")
 @click.option("--device", default=_D.device, help='Device of the inner runs: cpu, cuda, cuda:N, or "auto" (CUDA when available).')
+@data_root_option
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def train_command(resume: bool, no_progress: bool, out: Path, **kwargs: Any) -> None:
     """Train a controller with PPO over the train families and export the best policy to OUT/policy.safetensors.
@@ -919,6 +946,7 @@ def train_command(resume: bool, no_progress: bool, out: Path, **kwargs: Any) -> 
             cfg = TrainConfig(out=str(out), **kwargs)
     except ValueError as err:  # e.g. a resumed run's CUDA device on a machine without one
         raise click.UsageError(str(err)) from None
+    check_local_data(cfg.families + cfg.eval_families)
     train(cfg, resume=resume, show_progress=not no_progress)
 
 
@@ -963,14 +991,16 @@ def export_command(source: Path, out: Path) -> None:
 @cli.command("evaluate")
 @click.option("--policy", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Policy file to evaluate. Default: the bundled default policy.")
-@click.option("--families", callback=_families, default=",".join(VALIDATION_FAMILIES), help="Comma-separated families to evaluate on; 'train', 'validation' or 'test' stands for that whole split. "
-              f"The test families ({','.join(TEST_FAMILIES)}) are for reporting only: never trained or selected on.")
+@click.option("--families", callback=_families, default=",".join(VALIDATION_FAMILIES), help="Comma-separated families to evaluate on; 'train', 'validation', 'test' or 'local' stands for that whole group. "
+              f"The test families ({','.join(TEST_FAMILIES)}) are for reporting only: never trained or selected on. "
+              "The local families read image datasets from --data-root.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, help="Tasks per family (each at x0.1, x1 and x10 of the default LR).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/evaluation"), help="Where the table, JSON and PNG go.")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI. Default: sqlite:///./mlflow.db.")
 @click.option("--experiment", default="lrcontrol-evaluation", help="MLflow experiment name.")
 @click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1, help="Parallel inner runs.")
 @click.option("--device", default="cpu", help='Device of the inner runs: cpu, cuda, cuda:N, or "auto" (CUDA when available).')
+@data_root_option
 @click.option("--no-accuracy", is_flag=True, help="Give the policy no validation accuracy (as a training loop that "
               "passes only the losses). By default classification tasks pass it; the baselines never use it.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")

@@ -49,7 +49,16 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from envs import FAMILIES, TRAIN_FAMILIES, EnvConfig, LRControlEnv, build_task, check_device, get_family  # noqa: E402
+from envs import (  # noqa: E402
+    FAMILIES,
+    LOCAL_FAMILIES,
+    TRAIN_FAMILIES,
+    EnvConfig,
+    LRControlEnv,
+    build_task,
+    check_device,
+    get_family,
+)
 from envs.batched import BatchConfig, LRControlVecEnv, is_batchable, make_vec_env  # noqa: E402
 
 LONG_BUDGET = 10_000
@@ -192,7 +201,8 @@ def ppo_env_steps_per_s(batched: bool, n_envs: int, total_steps: int, device: st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated families (default: all)")
+    parser.add_argument("--families", default=",".join(f for f in FAMILIES if f not in LOCAL_FAMILIES),
+                        help="comma-separated families (default: all but the local ones, which read $LRCONTROL_DATA)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per family / per N (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every loop")
     parser.add_argument("--device", default="cpu", help="device of the batched section and PPO runs (cpu, cuda)")

@@ -14,6 +14,7 @@ from envs.inner import EpochResult, InnerRun, TorchRun
 from envs.lr_env import EnvConfig, Episode, LRControlEnv, check_device, resolve_device
 from envs.tasks import (
     FAMILIES,
+    LOCAL_FAMILIES,
     TEST_FAMILIES,
     TRAIN_FAMILIES,
     VALIDATION_FAMILIES,
@@ -31,6 +32,7 @@ if ENV_ID not in gym.registry:
 __all__ = [
     "ENV_ID",
     "FAMILIES",
+    "LOCAL_FAMILIES",
     "TEST_FAMILIES",
     "TRAIN_FAMILIES",
     "VALIDATION_FAMILIES",

@@ -55,9 +55,10 @@ from envs.tasks import TRAIN_FAMILIES, TaskConfig, _data_on, get_family, make_op
 BATCHABLE_FAMILIES: tuple[str, ...] = (
     "digits_mlp", "friedman_mlp", "breast_cancer_mlp", "teacher_mlp",  # training families
     "mnist1d_mlp", "diabetes_mlp", "blobs_mlp",  # validation families
+    "mnist_mlp", "fashion_mnist_mlp", "kmnist_mlp", "cifar10_mlp",  # local families
 )
-"""The train and validation families whose model is ``tasks.mlp`` (Flatten, then Linear/ReLU layers), trainable by
-:class:`BatchedMLPRun`. CNN, recurrent and attention families stay on the per-env path: batching
+"""The train, validation and local families whose model is ``tasks.mlp`` (Flatten, then Linear/ReLU layers),
+trainable by :class:`BatchedMLPRun`. CNN, recurrent and attention families stay on the per-env path: batching
 them needs grouped convolutions or per-run recurrent kernels, for a smaller share of the suite."""
 
 OptimizerImpl = Literal["auto", "fused", "stacked"]

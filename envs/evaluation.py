@@ -36,6 +36,7 @@ import torch
 
 from controller.policy import PolicyNet
 from controller.scheduler import PolicyScheduler
+from envs import local_data
 from envs.inner import TorchRun
 from envs.tasks import TaskConfig, get_family
 
@@ -248,12 +249,28 @@ def exit_with(parent_pid: int) -> None:
 def make_pool(workers: int | None = None) -> ProcessPoolExecutor:
     """A process pool for evaluation jobs (one torch thread each; ``workers`` defaults to the CPU count).
 
-    Its workers end with the process that made the pool (:func:`exit_with`), even when that one is killed.
+    Its workers end with the process that made the pool, even when that one is killed, and read local datasets
+    where this process does (:func:`init_worker`).
     """
     import multiprocessing as mp
 
     return ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1, mp_context=mp.get_context("forkserver"),
-                               initializer=exit_with, initargs=(os.getpid(),))
+                               initializer=init_worker, initargs=init_worker_args())
+
+
+def init_worker_args() -> tuple[int, str | None]:
+    """:func:`init_worker`'s arguments for a worker of this process."""
+    root = local_data.data_root()
+    return os.getpid(), None if root is None else str(root)
+
+
+def init_worker(parent_pid: int, data_root: str | None) -> None:
+    """In a worker process: end with process ``parent_pid`` (:func:`exit_with`) and read local datasets under
+    ``data_root``, the parent's root. (A forkserver's children inherit the environment the server started
+    with, not the parent's current one.)"""
+    exit_with(parent_pid)
+    if data_root is not None and os.path.isdir(data_root):  # else a job that needs it says what is missing
+        local_data.set_data_root(data_root)
 
 
 def run_jobs(

@@ -8,12 +8,14 @@ epoch budget and seed — and :func:`build_task` turns a task into tensors on a 
 Families are split once into :data:`TRAIN_FAMILIES` (the only ones a policy is trained on),
 :data:`VALIDATION_FAMILIES` (used to select and evaluate policies, never to train them) and
 :data:`TEST_FAMILIES` (never used to train, select or tune anything: a policy's numbers on them are
-the closest this repository has to tasks nobody has seen). Every family has train / val / test
-splits; a controller sees train and val only, test is for reporting.
+the closest this repository has to tasks nobody has seen). :data:`LOCAL_FAMILIES` read image
+datasets from the user's own torchvision download and stand outside all three. Every family has
+train / val / test splits; a controller sees train and val only, test is for reporting.
 
 Data sources: scikit-learn's bundled sets, MNIST-1D generated locally
-(``mnist1d.data.make_dataset``; never its downloading ``get_dataset``) and synthetic generators.
-Nothing is downloaded.
+(``mnist1d.data.make_dataset``; never its downloading ``get_dataset``), synthetic generators, and
+for the local families MNIST, Fashion-MNIST, KMNIST and CIFAR-10 files already on disk
+(:mod:`envs.local_data`). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ import numbers
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from envs import local_data
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
 OPTIMIZERS: tuple[OptimizerName, ...] = ("sgd", "adam", "adamw")
@@ -209,6 +214,46 @@ def adding() -> Splits:
     return _split(x, y, regression=True)
 
 
+LOCAL_TRAIN, LOCAL_VAL = 10_000, 2_000
+"""Samples a local image family trains and validates on: a fixed draw from the dataset's training set, so an
+epoch costs seconds on a CPU. The whole test set is kept for the test split. The four loaders below cache what
+they read per data root."""
+
+
+def _local(name: str) -> Splits:
+    return _local_at(name, local_data.data_root())
+
+
+@functools.lru_cache(maxsize=None)
+def _local_at(name: str, root: Path | None) -> Splits:
+    x, y, x_test, y_test = local_data.load(name, root)
+    perm = np.random.default_rng(0).permutation(len(x))
+    n_val = min(LOCAL_VAL, len(x) // 6)
+    val, train = perm[:n_val], perm[n_val : n_val + LOCAL_TRAIN]
+    parts = [(x[train], y[train]), (x[val], y[val]), (x_test, y_test)]
+    return _standardize([(xs.astype(np.float32), ys) for xs, ys in parts], regression=False)
+
+
+def mnist() -> Splits:
+    """MNIST from a local torchvision download (:mod:`envs.local_data`): 28×28 digits, 10 classes."""
+    return _local("mnist")
+
+
+def fashion_mnist() -> Splits:
+    """Fashion-MNIST from a local torchvision download: 28×28 clothing images, 10 classes."""
+    return _local("fashion_mnist")
+
+
+def kmnist() -> Splits:
+    """KMNIST from a local torchvision download: 28×28 cursive Japanese characters, 10 classes."""
+    return _local("kmnist")
+
+
+def cifar10() -> Splits:
+    """CIFAR-10 from a local torchvision download: 32×32 colour images, 10 classes (3072 values, channel-major)."""
+    return _local("cifar10")
+
+
 # --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------
@@ -224,20 +269,23 @@ def mlp(n_in: int, n_out: int, width: int, depth: int) -> nn.Module:
 
 
 class Conv2dNet(nn.Module):
-    """``depth`` 3×3 conv layers (``width``, 2·``width``, … channels), a 2×2 max-pool and a linear head."""
+    """``depth`` 3×3 conv layers (``width``, 2·``width``, … channels), a 2×2 max-pool and a linear head.
 
-    def __init__(self, side: int, n_out: int, width: int, depth: int) -> None:
+    Inputs: flattened ``channels``×``side``×``side`` images, channel by channel.
+    """
+
+    def __init__(self, side: int, n_out: int, width: int, depth: int, channels: int = 1) -> None:
         super().__init__()
-        chans = [1] + [width * 2**i for i in range(max(depth, 1))]
+        chans = [channels] + [width * 2**i for i in range(max(depth, 1))]
         layers: list[nn.Module] = []
         for c_in, c_out in zip(chans[:-1], chans[1:]):
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU()]
         self.features = nn.Sequential(*layers, nn.MaxPool2d(2), nn.Flatten())
         self.head = nn.Linear(chans[-1] * (side // 2) ** 2, n_out)
-        self.side = side
+        self.side, self.channels = side, channels
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x.reshape(-1, 1, self.side, self.side)))
+        return self.head(self.features(x.reshape(-1, self.channels, self.side, self.side)))
 
 
 class Conv1dNet(nn.Module):
@@ -470,6 +518,23 @@ FAMILIES: dict[str, TaskFamily] = {
                    widths=(16, 32), depths=(1,), batch_sizes=(32, 64), epochs=(10, 30)),
         TaskFamily("moons_mlp", moons, lambda w, d: mlp(2, 2, w, d), "classification", "sgd",  # 150-300 steps/epoch
                    widths=(16, 32, 64), depths=(2, 3), batch_sizes=(8, 16), epochs=(10, 20)),
+        # ---- local families: image datasets from the user's own torchvision download ---------------
+        TaskFamily("mnist_mlp", mnist, lambda w, d: mlp(784, 10, w, d), "classification", "adam",
+                   widths=(128, 256), depths=(1, 2), batch_sizes=(64, 128), epochs=(10, 30)),
+        TaskFamily("mnist_cnn", mnist, lambda w, d: Conv2dNet(28, 10, w, d), "classification", "sgd",
+                   widths=(4, 8), depths=(1, 2), batch_sizes=(64, 128), epochs=(10, 20)),
+        TaskFamily("fashion_mnist_mlp", fashion_mnist, lambda w, d: mlp(784, 10, w, d), "classification", "adam",
+                   widths=(128, 256), depths=(1, 2), batch_sizes=(64, 128), epochs=(10, 30)),
+        TaskFamily("fashion_mnist_cnn", fashion_mnist, lambda w, d: Conv2dNet(28, 10, w, d), "classification",
+                   "sgd", widths=(4, 8), depths=(1, 2), batch_sizes=(64, 128), epochs=(10, 20)),
+        TaskFamily("kmnist_mlp", kmnist, lambda w, d: mlp(784, 10, w, d), "classification", "adam",
+                   widths=(128, 256), depths=(1, 2), batch_sizes=(64, 128), epochs=(10, 30)),
+        TaskFamily("kmnist_cnn", kmnist, lambda w, d: Conv2dNet(28, 10, w, d), "classification", "sgd",
+                   widths=(4, 8), depths=(1, 2), batch_sizes=(64, 128), epochs=(10, 20)),
+        TaskFamily("cifar10_mlp", cifar10, lambda w, d: mlp(3072, 10, w, d), "classification", "adam",
+                   widths=(128, 256), depths=(1, 2), batch_sizes=(64, 128), epochs=(10, 30)),
+        TaskFamily("cifar10_cnn", cifar10, lambda w, d: Conv2dNet(32, 10, w, d, channels=3), "classification",
+                   "sgd", widths=(8, 16), depths=(1, 2), batch_sizes=(64, 128), epochs=(10, 20)),
     )
 }
 
@@ -492,9 +557,19 @@ dataset under a model no family pairs it with (digits read row by row by a GRU),
 150–300 optimizer steps (moons, small batches), 3–6× longer than any training family's.
 """
 
-assert set(TRAIN_FAMILIES) | set(VALIDATION_FAMILIES) | set(TEST_FAMILIES) == set(FAMILIES)
+LOCAL_FAMILIES: tuple[str, ...] = (
+    "mnist_mlp", "mnist_cnn", "fashion_mnist_mlp", "fashion_mnist_cnn", "kmnist_mlp", "kmnist_cnn",
+    "cifar10_mlp", "cifar10_cnn",
+)
+"""Families on image datasets read from the user's own torchvision download (:mod:`envs.local_data`; nothing is
+downloaded). Absent here, they trained, selected and tuned nothing in this repository: on your machine they are
+tasks the shipped policy has never seen (``train_controller.py evaluate --families local --data-root DIR``), or
+more families to train on."""
+
+assert set(TRAIN_FAMILIES) | set(VALIDATION_FAMILIES) | set(TEST_FAMILIES) | set(LOCAL_FAMILIES) == set(FAMILIES)
 assert not set(TRAIN_FAMILIES) & set(VALIDATION_FAMILIES)
 assert not (set(TRAIN_FAMILIES) | set(VALIDATION_FAMILIES)) & set(TEST_FAMILIES)
+assert not (set(TRAIN_FAMILIES) | set(VALIDATION_FAMILIES) | set(TEST_FAMILIES)) & set(LOCAL_FAMILIES)
 
 
 def check_lr_multiplier(value: object) -> None:
@@ -542,8 +617,14 @@ def make_optimizer(name: OptimizerName, params: list[nn.Parameter] | object, lr:
     raise ValueError(f"unknown optimizer {name!r}; known: {OPTIMIZERS}")
 
 
-@functools.lru_cache(maxsize=32)
 def _data_on(family: str, device: str) -> Splits:
+    """A family's splits on ``device``, cached (a local family's per data root: :func:`local_data.set_data_root`
+    may change it)."""
+    return _data_at(family, device, local_data.data_root() if family in LOCAL_FAMILIES else None)
+
+
+@functools.lru_cache(maxsize=32)
+def _data_at(family: str, device: str, root: Path | None) -> Splits:
     return FAMILIES[family].data().to(torch.device(device))
 
 

@@ -94,7 +94,7 @@ def test_batchable_families_are_exactly_the_mlp_families():
             with pytest.raises(ValueError, match="not batchable"):
                 BatchedMLPRun([task])
     assert {"digits_mlp", "friedman_mlp", "breast_cancer_mlp", "teacher_mlp", "mnist1d_mlp", "diabetes_mlp",
-            "blobs_mlp"} == set(BATCHABLE_FAMILIES)
+            "blobs_mlp", "mnist_mlp", "fashion_mnist_mlp", "kmnist_mlp", "cifar10_mlp"} == set(BATCHABLE_FAMILIES)
 
 
 def test_runs_of_different_shapes_are_refused():

@@ -11,7 +11,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import envs
 from controller.features import CLIP, N_FEATURES
-from envs import FAMILIES, TEST_FAMILIES, TRAIN_FAMILIES, VALIDATION_FAMILIES, EnvConfig, TorchRun, get_family
+from envs import FAMILIES, LOCAL_FAMILIES, TEST_FAMILIES, TRAIN_FAMILIES, VALIDATION_FAMILIES, EnvConfig, TorchRun, get_family
 
 
 def make_env(family: str, **kwargs) -> envs.LRControlEnv:
@@ -20,7 +20,7 @@ def make_env(family: str, **kwargs) -> envs.LRControlEnv:
 
 def test_suite_shape():
     assert len(FAMILIES) >= 8
-    splits = [set(TRAIN_FAMILIES), set(VALIDATION_FAMILIES), set(TEST_FAMILIES)]
+    splits = [set(TRAIN_FAMILIES), set(VALIDATION_FAMILIES), set(TEST_FAMILIES), set(LOCAL_FAMILIES)]
     assert sum(map(len, splits)) == len(FAMILIES) and set.union(*splits) == set(FAMILIES)  # disjoint, complete
     kinds = {get_family(f).kind for f in FAMILIES}
     assert kinds == {"classification", "regression"}

@@ -1,0 +1,198 @@
+"""Image datasets read from a local torchvision download: MNIST, Fashion-MNIST, KMNIST and CIFAR-10.
+
+Nothing is downloaded and torchvision is not imported. The files are read where torchvision's
+``download=True`` leaves them under one root directory::
+
+    ROOT/MNIST/raw/train-images-idx3-ubyte      (and train-labels-idx1-ubyte, t10k-*; or the .gz archives)
+    ROOT/FashionMNIST/raw/...                   (the same four files)
+    ROOT/KMNIST/raw/...                         (the same four files)
+    ROOT/cifar-10-batches-py/data_batch_1 ... data_batch_5, test_batch
+    ROOT/cifar-10-batches-bin/data_batch_1.bin ... data_batch_5.bin, test_batch.bin   (the binary release)
+
+The root is the last :func:`set_data_root` in this process, else the ``LRCONTROL_DATA`` environment
+variable. CIFAR-10's python release is a pickle; it is read by an unpickler that builds only NumPy
+arrays, dicts, lists, strings and numbers and refuses anything else, so a crafted file runs no code.
+
+Example:
+    >>> from envs import local_data
+    >>> local_data.set_data_root("~/data")             # where torchvision.datasets.MNIST(root=...) put it
+    >>> x_train, y_train, x_test, y_test = local_data.load("mnist")
+    >>> x_train.shape, x_train.dtype
+    ((60000, 784), dtype('uint8'))
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import io
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy._core.multiarray import _reconstruct  # type: ignore[attr-defined]
+from numpy._core.numeric import _frombuffer  # type: ignore[attr-defined]
+
+DATA_ROOT_ENV = "LRCONTROL_DATA"
+"""Environment variable naming the root directory of a local torchvision download."""
+
+MNIST_LIKE = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}
+"""Dataset name → torchvision's folder name; all three share MNIST's file names and idx format."""
+
+DATASETS: tuple[str, ...] = (*MNIST_LIKE, "cifar10")
+"""Every dataset :func:`load` reads."""
+
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR_RECORD = 1 + 3 * 32 * 32  # the binary release: one label byte, then the image channel by channel
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+_root: Path | None = None
+
+
+def set_data_root(path: str | os.PathLike[str] | None) -> None:
+    """Read local datasets under ``path`` from now on in this process (None: back to ``$LRCONTROL_DATA``).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a directory.
+    """
+    global _root
+    if path is None:
+        _root = None
+        return
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"the local data root {str(root)!r} is not a directory")
+    _root = root.resolve()
+
+
+def data_root() -> Path | None:
+    """The root local datasets are read from, or None when neither :func:`set_data_root` nor ``$LRCONTROL_DATA``
+    gave one."""
+    if _root is not None:
+        return _root
+    value = os.environ.get(DATA_ROOT_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """An array from an idx file (the MNIST format; ``.gz`` read as gzip).
+
+    Raises:
+        ValueError: the file is not idx, or is shorter or longer than its header says.
+    """
+    path = Path(path)
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an idx file (its first bytes are {raw[:4].hex() or 'missing'})")
+    dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path} is truncated: {len(raw)} bytes, shorter than its {ndim}-dimension header")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = header + dtype.itemsize * int(np.prod(shape))
+    if len(raw) != expected:
+        raise ValueError(f"{path} holds {len(raw)} bytes where its header ({shape}, {dtype.name}) says {expected}")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def load(name: str, root: str | os.PathLike[str] | None = None,
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(x_train, y_train, x_test, y_test)`` of a local dataset under ``root`` (default: :func:`data_root`):
+    images flattened to uint8 rows (CIFAR-10: 3072 values, channel by channel, as ``reshape(-1, 3, 32, 32)``
+    expects), labels int64.
+
+    Raises:
+        ValueError: an unknown name, or a file that is not what it should be.
+        FileNotFoundError: no root is set, or the dataset is not under it; the message says where it looked.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown local dataset {name!r}; known: {', '.join(DATASETS)}")
+    root = Path(root).expanduser() if root is not None else data_root()
+    if root is None:
+        raise FileNotFoundError(f"the {name} families read a local torchvision download, and no data root is set: "
+                                f"set {DATA_ROOT_ENV} (or pass --data-root) to the directory you gave torchvision "
+                                "as root=. Nothing is downloaded.")
+    if name == "cifar10":
+        return _cifar10(root)
+    folder = root / MNIST_LIKE[name] / "raw"
+    arrays = []
+    for stem in _MNIST_FILES:
+        path = _first_existing(folder / stem, folder / f"{stem}.gz", dataset=name)
+        arrays.append(read_idx(path))
+    x_train, y_train, x_test, y_test = arrays
+    for x, y, part in ((x_train, y_train, "train"), (x_test, y_test, "t10k")):
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise ValueError(f"{folder}: {part} images {x.shape} and labels {y.shape} do not match")
+    return (x_train.reshape(len(x_train), -1).astype(np.uint8), y_train.astype(np.int64),
+            x_test.reshape(len(x_test), -1).astype(np.uint8), y_test.astype(np.int64))
+
+
+def _first_existing(*paths: Path, dataset: str) -> Path:
+    for path in paths:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{dataset}: none of {', '.join(map(str, paths))} exists (torchvision.datasets with "
+                            "download=True writes them there; nothing is downloaded here)")
+
+
+def _cifar10(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    py, binary = root / "cifar-10-batches-py", root / "cifar-10-batches-bin"
+    if py.is_dir():
+        parts = [_cifar_py_batch(_first_existing(py / stem, dataset="cifar10"))
+                 for stem in (*_CIFAR_TRAIN, "test_batch")]
+    elif binary.is_dir():
+        parts = [_cifar_bin_batch(_first_existing(binary / f"{stem}.bin", dataset="cifar10"))
+                 for stem in (*_CIFAR_TRAIN, "test_batch")]
+    else:
+        raise FileNotFoundError(f"cifar10: neither {py} nor {binary} exists (torchvision.datasets.CIFAR10 with "
+                                "download=True writes the first; nothing is downloaded here)")
+    x_train = np.concatenate([x for x, _ in parts[:-1]])
+    y_train = np.concatenate([y for _, y in parts[:-1]])
+    return x_train, y_train, parts[-1][0], parts[-1][1]
+
+
+def _cifar_bin_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % _CIFAR_RECORD:
+        raise ValueError(f"{path} holds {raw.size} bytes, not a whole number of {_CIFAR_RECORD}-byte CIFAR-10 records")
+    records = raw.reshape(-1, _CIFAR_RECORD)
+    return np.ascontiguousarray(records[:, 1:]), records[:, 0].astype(np.int64)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Builds NumPy arrays and plain containers; any other global is refused before it is looked up."""
+
+    _ALLOWED: dict[tuple[str, str], Any] = {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # the name in files NumPy 1 wrote (CIFAR's own)
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy.core.numeric", "_frombuffer"): _frombuffer,  # protocol 5's out-of-band form
+        ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,  # how protocol 2 spells bytes when Python 3 writes it
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._ALLOWED[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: only NumPy arrays are read") from None
+
+
+def _cifar_py_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        batch = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
+        raise ValueError(f"{path} is not a CIFAR-10 batch: {err}") from None
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path} is not a CIFAR-10 batch: it holds a {type(batch).__name__}, not a dict")
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or labels is None \
+            or len(labels) != len(data):
+        raise ValueError(f"{path} is not a CIFAR-10 batch: expected 'data' (n, 3072) and n 'labels'")
+    return data.astype(np.uint8), np.asarray(labels, dtype=np.int64)

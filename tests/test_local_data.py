@@ -1,0 +1,144 @@
+"""Local image datasets (envs.local_data) and the task families that read them."""
+
+import gzip
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import write_torchvision_tree
+
+from envs import LOCAL_FAMILIES, get_family, local_data
+from envs.evaluation import Job, make_pool, run_jobs
+from envs.tasks import LOCAL_TRAIN, LOCAL_VAL
+
+
+@pytest.fixture
+def root_only_here(tmp_path, monkeypatch):
+    """A second, different tree, set for this process alone; $LRCONTROL_DATA names an empty directory."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv(local_data.DATA_ROOT_ENV, str(empty))
+    root = write_torchvision_tree(tmp_path / "tree", n_train=120, n_test=30, seed=7)
+    local_data.set_data_root(root)
+    yield root
+    local_data.set_data_root(None)
+
+
+def test_idx_files_read_back_exactly(tmp_path):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    data = bytes([0, 0, 0x08, 3]) + np.array(images.shape, dtype=">u4").tobytes() + images.tobytes()
+    (tmp_path / "a").write_bytes(data)
+    (tmp_path / "a.gz").write_bytes(gzip.compress(data))
+    floats = np.linspace(-1, 1, 6).reshape(2, 3)
+    (tmp_path / "f").write_bytes(bytes([0, 0, 0x0E, 2]) + np.array(floats.shape, dtype=">u4").tobytes()
+                                 + floats.astype(">f8").tobytes())
+    np.testing.assert_array_equal(local_data.read_idx(tmp_path / "a"), images)
+    np.testing.assert_array_equal(local_data.read_idx(tmp_path / "a.gz"), images)
+    np.testing.assert_array_equal(local_data.read_idx(tmp_path / "f"), floats)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "not an idx file"),
+    (b"PK\x03\x04rest", "not an idx file"),
+    (bytes([0, 0, 0x08, 3, 0, 0]), "truncated"),
+    (bytes([0, 0, 0x08, 1]) + np.array([5], dtype=">u4").tobytes() + bytes(4), "holds 12 bytes"),
+    (bytes([0, 0, 0x08, 1]) + np.array([5], dtype=">u4").tobytes() + bytes(6), "holds 14 bytes"),
+])
+def test_a_broken_idx_file_is_refused_by_name(tmp_path, content, message):
+    (tmp_path / "x").write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        local_data.read_idx(tmp_path / "x")
+
+
+def test_every_dataset_loads_from_the_torchvision_layout(local_data_root):
+    for name in local_data.DATASETS:
+        x, y, x_test, y_test = local_data.load(name, local_data_root)
+        size = 3 * 32 * 32 if name == "cifar10" else 28 * 28
+        assert x.shape == (300, size) and x_test.shape == (100, size) and x.dtype == np.uint8
+        assert y.shape == (300,) and y_test.shape == (100,) and y.dtype == np.int64 and set(y) <= set(range(10))
+    # CIFAR-10's python and binary releases hold the same arrays: with the python one gone, the same data loads
+    py = local_data.load("cifar10", local_data_root)
+    bin_only = local_data_root.parent / "bin_only"
+    shutil.copytree(local_data_root / "cifar-10-batches-bin", bin_only / "cifar-10-batches-bin")
+    binary = local_data.load("cifar10", bin_only)
+    for a, b in zip(py, binary):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_missing_root_or_dataset_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.delenv(local_data.DATA_ROOT_ENV)
+    with pytest.raises(FileNotFoundError, match="no data root is set: set LRCONTROL_DATA"):
+        local_data.load("mnist")
+    with pytest.raises(FileNotFoundError, match=r"mnist: none of .*MNIST/raw/train-images-idx3-ubyte"):
+        local_data.load("mnist", tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither .*cifar-10-batches-py nor .*cifar-10-batches-bin exists"):
+        local_data.load("cifar10", tmp_path)
+    with pytest.raises(ValueError, match="unknown local dataset 'svhn'"):
+        local_data.load("svhn", tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        local_data.set_data_root(tmp_path / "nope")
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_a_crafted_cifar_pickle_is_refused_without_running_it(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "created_by_the_payload"
+    for stem in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        (folder / stem).write_bytes(pickle.dumps({"data": _Payload(marker), "labels": [0]}, protocol=2))
+    with pytest.raises(ValueError, match="not a CIFAR-10 batch: refused to load (io|builtins).open"):
+        local_data.load("cifar10", tmp_path)
+    assert not marker.exists()
+    (folder / "data_batch_1").write_bytes(pickle.dumps({"data": np.zeros((2, 5), np.uint8), "labels": [0, 1]}))
+    with pytest.raises(ValueError, match=r"expected 'data' \(n, 3072\)"):
+        local_data.load("cifar10", tmp_path)
+
+
+def test_local_families_split_train_val_test(local_data_root):
+    splits = get_family("mnist_mlp").data()
+    n_val = min(LOCAL_VAL, 300 // 6)
+    assert splits.x_train.shape == (min(LOCAL_TRAIN, 300 - n_val), 784) and splits.x_val.shape == (n_val, 784)
+    assert splits.x_test.shape == (100, 784)
+    assert abs(float(splits.x_train.mean())) < 1e-3  # standardised on the train split
+    assert set(LOCAL_FAMILIES) == {f for f in LOCAL_FAMILIES if get_family(f).kind == "classification"}
+
+
+def test_set_data_root_reaches_the_loaders_and_pool_workers(root_only_here):
+    """The parent's root, not the workers' environment (a forkserver's children keep the environment it started
+    with): the same task in a pool worker and in this process trains on the same data."""
+    assert get_family("kmnist_cnn").data().x_test.shape[0] == 30  # not the session's 100: the cache is per root
+    task = get_family("kmnist_cnn").default_task(seed=1)
+    jobs = [Job(task.with_lr(0.05), "cosine"), Job(task, "constant")]
+    here = run_jobs(jobs)
+    pool = make_pool(1)
+    try:
+        there = run_jobs(jobs, pool)
+    finally:
+        pool.shutdown()
+    assert [r.val_losses for r in there] == [r.val_losses for r in here]
+    assert [r.final_test for r in there] == [r.final_test for r in here]
+
+
+@pytest.mark.parametrize("command", [
+    ["evaluate", "--families", "fashion_mnist_cnn,digits_cnn"],
+    ["train", "--families", "digits_mlp,fashion_mnist_cnn", "--timesteps", "64"],
+])
+def test_the_cli_refuses_missing_local_data_before_any_work(tmp_path, monkeypatch, command):
+    import train_controller
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(train_controller.cli, [*command, "--data-root", "empty", "--out", "out", "--no-progress"])
+    local_data.set_data_root(None)
+    assert result.exit_code == 1, result.output
+    assert "fashion_mnist_cnn: fashion_mnist: none of" in result.output and "FashionMNIST/raw" in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
