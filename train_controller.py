@@ -599,6 +599,7 @@ def _check_out_dir(out: Path, resume: bool) -> dict[str, Any] | None:
 
 def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True) -> Path:
     """Train a controller; returns the path of the exported policy (``OUT/policy.safetensors``)."""
+    check_local_data(cfg.families + cfg.eval_families)
     out = Path(cfg.out)
     created = not out.exists()
     saved = _check_out_dir(out, resume)
@@ -946,7 +947,6 @@ def train_command(resume: bool, no_progress: bool, out: Path, **kwargs: Any) -> 
             cfg = TrainConfig(out=str(out), **kwargs)
     except ValueError as err:  # e.g. a resumed run's CUDA device on a machine without one
         raise click.UsageError(str(err)) from None
-    check_local_data(cfg.families + cfg.eval_families)
     train(cfg, resume=resume, show_progress=not no_progress)
 
 

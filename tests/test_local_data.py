@@ -142,3 +142,18 @@ def test_the_cli_refuses_missing_local_data_before_any_work(tmp_path, monkeypatc
     assert result.exit_code == 1, result.output
     assert "fashion_mnist_cnn: fashion_mnist: none of" in result.output and "FashionMNIST/raw" in result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_train_reaches_the_root_in_env_subprocesses_and_validation_workers(root_only_here, tmp_path, monkeypatch):
+    """A PPO run over local families, MLP batched in this process, CNN in env subprocesses, validated on another
+    local family, with the root set in this process only."""
+    import train_controller as tc
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tc.TrainConfig(timesteps=64, n_envs=4, n_steps=16, batch_size=32, n_epochs=1, net_arch=(16,),
+                         checkpoint_every=64, eval_every=0, eval_seeds=1, families=("mnist_mlp", "kmnist_cnn"),
+                         eval_families=("cifar10_mlp",), out="run")
+    policy = tc.train(cfg, show_progress=False)
+    assert policy.exists()
+    state = tc.saved_run(tmp_path / "run")
+    assert state["finished"] and state["num_timesteps"] >= 64 and state["evals"], state
