@@ -114,10 +114,25 @@ def load(name: str, root: str | os.PathLike[str] | None = None,
     root = Path(root).expanduser() if root is not None else data_root()
     if root is None:
         raise FileNotFoundError(f"the {name} families read a local torchvision download, and no data root is set: "
-                                f"set {DATA_ROOT_ENV} (or pass --data-root) to the directory you gave torchvision "
-                                "as root=. Nothing is downloaded.")
-    if name == "cifar10":
-        return _cifar10(root)
+                                f"set {DATA_ROOT_ENV}, pass --data-root to train_controller.py or call "
+                                "envs.local_data.set_data_root with the directory you gave torchvision as root=. "
+                                "Nothing is downloaded.")
+    try:
+        return _cifar10(root) if name == "cifar10" else _mnist_like(name, root)
+    except FileNotFoundError as err:
+        top = root
+        while top.name in _INSIDE_ROOT and top.parent != top:
+            top = top.parent
+        if top == root:
+            raise
+        raise FileNotFoundError(f"{err}. {root} is a folder torchvision makes inside its root; give the root itself "
+                                f"({top})") from None
+
+
+_INSIDE_ROOT = {*MNIST_LIKE.values(), "raw", "cifar-10-batches-py", "cifar-10-batches-bin"}
+
+
+def _mnist_like(name: str, root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     folder = root / MNIST_LIKE[name] / "raw"
     arrays = []
     for stem in _MNIST_FILES:

@@ -67,14 +67,17 @@ def test_every_dataset_loads_from_the_torchvision_layout(local_data_root):
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_missing_root_or_dataset_says_where_it_looked(tmp_path, monkeypatch):
+def test_a_missing_root_or_dataset_says_where_it_looked(tmp_path, monkeypatch, local_data_root):
     monkeypatch.delenv(local_data.DATA_ROOT_ENV)
-    with pytest.raises(FileNotFoundError, match="no data root is set: set LRCONTROL_DATA"):
+    with pytest.raises(FileNotFoundError, match="no data root is set: set LRCONTROL_DATA, pass --data-root"):
         local_data.load("mnist")
     with pytest.raises(FileNotFoundError, match=r"mnist: none of .*MNIST/raw/train-images-idx3-ubyte"):
         local_data.load("mnist", tmp_path)
     with pytest.raises(FileNotFoundError, match="neither .*cifar-10-batches-py nor .*cifar-10-batches-bin exists"):
         local_data.load("cifar10", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"MNIST/raw is a folder torchvision makes inside its root; give the "
+                                                r"root itself \(" + str(local_data_root)):
+        local_data.load("kmnist", local_data_root / "MNIST" / "raw")  # a common slip: a folder inside the root
     with pytest.raises(ValueError, match="unknown local dataset 'svhn'"):
         local_data.load("svhn", tmp_path)
     with pytest.raises(FileNotFoundError, match="is not a directory"):
