@@ -140,7 +140,8 @@ def test_the_cli_refuses_missing_local_data_before_any_work(tmp_path, monkeypatc
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
-    result = CliRunner().invoke(train_controller.cli, [*command, "--data-root", "empty", "--out", "out", "--no-progress"])
+    args = [*command, "--data-root", "empty", "--out", "out", "--no-progress"]
+    result = CliRunner().invoke(train_controller.cli, args)
     local_data.set_data_root(None)
     assert result.exit_code == 1, result.output
     assert "fashion_mnist_cnn: fashion_mnist: none of" in result.output and "FashionMNIST/raw" in result.output
