@@ -886,12 +886,18 @@ data_root_option = click.option(
 
 
 def check_local_data(families: Sequence[str]) -> None:
-    """Read the local datasets ``families`` need now, so that a missing or broken one is reported before any work."""
+    """Read the local datasets ``families`` need now, so that a missing or broken one is reported before any work
+    (all of them at once, and which local families could run)."""
+    problems, ready = [], []
     for name in dict.fromkeys(f for f in families if f in LOCAL_FAMILIES):
         try:
             get_family(name).data()
+            ready.append(name)
         except (FileNotFoundError, ValueError) as err:
-            raise click.ClickException(f"{name}: {err}") from None
+            problems.append(f"{name}: {err}")
+    if problems:
+        found = f"\n(found data for {', '.join(ready)})" if ready else ""
+        raise click.ClickException("\n".join(problems) + found)
 
 
 def _net(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:

@@ -161,3 +161,19 @@ def test_train_reaches_the_root_in_env_subprocesses_and_validation_workers(root_
     assert policy.exists()
     state = tc.saved_run(tmp_path / "run")
     assert state["finished"] and state["num_timesteps"] >= 64 and state["evals"], state
+
+
+def test_the_cli_names_every_local_family_it_cannot_run_and_those_it_can(root_only_here, tmp_path, monkeypatch):
+    import train_controller
+
+    monkeypatch.chdir(tmp_path)
+    shutil.rmtree(root_only_here / "FashionMNIST")
+    (root_only_here / "KMNIST" / "raw" / "t10k-labels-idx1-ubyte").write_bytes(b"not idx")
+    result = CliRunner().invoke(train_controller.cli, ["evaluate", "--families", "local", "--data-root",
+                                                       str(root_only_here), "--out", "out", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    for name in ("fashion_mnist_mlp", "fashion_mnist_cnn"):
+        assert f"{name}: fashion_mnist: none of" in result.output
+    assert "kmnist_cnn: " in result.output and "t10k-labels-idx1-ubyte is not an idx file" in result.output
+    assert "(found data for mnist_mlp, mnist_cnn, cifar10_mlp, cifar10_cnn)" in result.output
+    assert not (tmp_path / "out").exists()
