@@ -59,6 +59,7 @@ from envs import (  # noqa: E402
     LOCAL_FAMILIES, TEST_FAMILIES, TRAIN_FAMILIES, VALIDATION_FAMILIES, EnvConfig, check_device, get_family,
     local_data, resolve_device,
 )
+from envs.tasks import check_epoch_range  # noqa: E402
 from envs.batched import make_vec_env as batched_vec_env  # noqa: E402
 from envs.evaluation import (  # noqa: E402
     BASELINES,
@@ -104,6 +105,9 @@ class TrainConfig:
     """Seed of PPO and of the environments' task draws."""
     families: tuple[str, ...] = TRAIN_FAMILIES
     """Task families episodes are drawn from."""
+    epochs: tuple[int, int] | None = None
+    """Epoch budget range (inclusive) of the training episodes and the periodic validation's tasks; None: each
+    family's own (10–40, or 10–30 for the recurrent and attention families)."""
     out: str = "runs/default"
     """Output directory: checkpoints, state, exported policies."""
     tracking_uri: str | None = None
@@ -148,6 +152,7 @@ class TrainConfig:
             raise ValueError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
         for name in (*self.families, *self.eval_families):
             get_family(name)
+        object.__setattr__(self, "epochs", check_epoch_range(self.epochs))
         if not self.experiment.strip():
             raise ValueError("experiment must name an MLflow experiment, got an empty name")
         check_device(self.device)  # a GPU this machine lacks is refused here, not inside the first inner run
@@ -329,7 +334,7 @@ class Validator:
         self.cfg, self.pool = cfg, pool
         self.device = str(resolve_device(cfg.device))  # "auto" → cuda or cpu, as the environments resolve it
         self.tasks = [(family, i, m, task) for family in cfg.eval_families for m in MULTIPLIERS
-                      for i, task in enumerate(evaluation_tasks(family, cfg.eval_seeds, m, SELECTION_SEED))]
+                      for i, task in enumerate(evaluation_tasks(family, cfg.eval_seeds, m, SELECTION_SEED, cfg.epochs))]
         self._cosine: list[RunRecord] | None = None
 
     def __call__(self, net: PolicyNet) -> tuple[float, dict[str, float], list[RunRecord], list[RunRecord]]:
@@ -406,7 +411,7 @@ def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
 def make_vec_env(cfg: TrainConfig) -> VecEnv:
     """``cfg.n_envs`` monitored LRControl-v0 slots: MLP families batched in one computation
     (``envs.batched``), the others as separate envs in subprocesses."""
-    env_config = EnvConfig(families=cfg.families, device=cfg.device, budget_is_terminal=True)
+    env_config = EnvConfig(families=cfg.families, device=cfg.device, budget_is_terminal=True, epochs=cfg.epochs)
 
     def subprocesses(fns: list[Any]) -> VecEnv:
         if len(fns) <= 1:
@@ -768,7 +773,8 @@ def export(source: Path, out: Path) -> Path:
 def format_table(ev: Evaluation) -> str:
     """The aggregate table (geomean ratio to the oracle over each seed's tasks, mean ± std over seeds, per
     multiplier), then one row per family and multiplier (the mean over seeds of its one task's ratio)."""
-    lines = [f"{'schedule':10s} " + " ".join(f"{'x' + format(m, 'g'):>15s}" for m in ev.multipliers)]
+    lines = [] if ev.epochs is None else [f"epoch budgets drawn from {ev.epochs[0]}-{ev.epochs[1]}", ""]
+    lines.append(f"{'schedule':10s} " + " ".join(f"{'x' + format(m, 'g'):>15s}" for m in ev.multipliers))
     for s in ev.schedules:
         cells = [f"{ev.aggregate(s, m)[0]:7.3f} ± {ev.aggregate(s, m)[1]:5.3f}" for m in ev.multipliers]
         lines.append(f"{s:10s} " + " ".join(f"{c:>15s}" for c in cells))
@@ -788,8 +794,9 @@ def format_table(ev: Evaluation) -> str:
 
 def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path, tracking_uri: str | None,
              experiment: str, workers: int, device: str = "cpu", show_progress: bool = True,
-             policy_accuracy: bool = True) -> Evaluation:
-    """Run the evaluation protocol of ``envs.evaluation`` and report it (table, JSON, PNG, MLflow)."""
+             policy_accuracy: bool = True, epochs: tuple[int, int] | None = None) -> Evaluation:
+    """Run the evaluation protocol of ``envs.evaluation`` and report it (table, JSON, PNG, MLflow); ``epochs``: draw
+    the tasks' budgets from this range rather than each family's."""
     try:
         device = str(resolve_device(device))
     except ValueError as err:
@@ -812,7 +819,7 @@ def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path
         with _sigterm_as_keyboard_interrupt(), tqdm(total=total, unit="run", desc="evaluate", disable=not show_progress,
                                                     mininterval=0.1 if sys.stderr.isatty() else 60.0) as bar:
             ev = evaluate_policy(net, families, seeds=seeds, device=device, pool=pool, progress=bar.update,
-                                 policy_accuracy=policy_accuracy)
+                                 policy_accuracy=policy_accuracy, epochs=epochs)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the workers too (the queued runs are dropped, not waited for)
         click.echo(f"\ninterrupted: nothing written to {out}", err=True)
         raise
@@ -835,7 +842,9 @@ def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path
     with mlflow.start_run(run_name="evaluate"):
         tracker.call("params", lambda: mlflow.log_params({"policy": str(policy or "default"), "families":
                                                            ",".join(families), "seeds": seeds,
-                                                           "policy_accuracy": policy_accuracy}))
+                                                           "policy_accuracy": policy_accuracy,
+                                                           "epochs": "family" if epochs is None else
+                                                           "-".join(map(str, epochs))}))
         metrics = {f"{s}/x{m:g}": ev.aggregate(s, m)[0] for s in ev.schedules for m in ev.multipliers}
         tracker.log_metrics(metrics, 0)
         for path in (out / "evaluation.json", out / "evaluation.txt", png):
@@ -900,6 +909,17 @@ def check_local_data(families: Sequence[str]) -> None:
         raise click.ClickException("\n".join(problems) + found)
 
 
+def _epochs(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.split(",")]
+        return check_epoch_range(tuple(parts) if len(parts) == 2 else (parts[0], parts[0]) if len(parts) == 1
+                                 else parts)
+    except ValueError:
+        raise click.BadParameter(f"expected MIN,MAX (or one number) with 1 <= MIN <= MAX, got {value!r}") from None
+
+
 def _net(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(v) for v in value.split(",") if v.strip())
@@ -920,6 +940,7 @@ def cli() -> None:
 @click.option("--n-envs", type=click.IntRange(min=1), default=_D.n_envs, help="Parallel env slots, shared between the MLP families (batched in-process) and the others (a subprocess per slot, each drawing from all of them).")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=_D.seed, help="Seed of PPO and of the task draws.")
 @click.option("--families", callback=_families, default=",".join(_D.families), help="Comma-separated train task families.")
+@click.option("--epochs", callback=_epochs, default=None, metavar="MIN,MAX", help="Epoch budget range of the training episodes and of the periodic validation's tasks (one number: that budget). Default: each family's own, 10-40 (10-30 for the recurrent and attention families).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=_D.out, help="Output directory (checkpoints, state, exported policy).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI, e.g. http://127.0.0.1:5000. Default: sqlite:///./mlflow.db (no server).")
 @click.option("--experiment", default=_D.experiment, help="MLflow experiment name.")
@@ -973,6 +994,8 @@ def resume_config(saved: dict[str, Any], options: dict[str, Any], given: set[str
     saved = dict(saved)
     for key in ("families", "eval_families", "net_arch"):
         saved[key] = tuple(saved[key])
+    if saved.get("epochs") is not None:  # JSON made the range a list; older runs have none
+        saved["epochs"] = tuple(saved["epochs"])
     differ = sorted(k for k in given - set(RESUME_OVERRIDES) if k in saved and options[k] != saved[k])
     if differ:
         shown = "; ".join(f"--{k.replace('_', '-')} (saved: {saved[k]!r}, given: {options[k]!r})" for k in differ)
@@ -1001,6 +1024,7 @@ def export_command(source: Path, out: Path) -> None:
               f"The test families ({','.join(TEST_FAMILIES)}) are for reporting only: never trained or selected on. "
               "The local families read image datasets from --data-root.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, help="Tasks per family (each at x0.1, x1 and x10 of the default LR).")
+@click.option("--epochs", callback=_epochs, default=None, metavar="MIN,MAX", help="Draw each task's epoch budget from this range (one number: that budget), e.g. 100 for long runs. Default: each family's own, 10-40 (10-30 for the recurrent and attention families).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/evaluation"), help="Where the table, JSON and PNG go.")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI. Default: sqlite:///./mlflow.db.")
 @click.option("--experiment", default="lrcontrol-evaluation", help="MLflow experiment name.")
@@ -1010,12 +1034,13 @@ def export_command(source: Path, out: Path) -> None:
 @click.option("--no-accuracy", is_flag=True, help="Give the policy no validation accuracy (as a training loop that "
               "passes only the losses). By default classification tasks pass it; the baselines never use it.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def evaluate_command(policy: Path | None, families: tuple[str, ...], seeds: int, out: Path, tracking_uri: str | None,
-                     experiment: str, workers: int, device: str, no_accuracy: bool, no_progress: bool) -> None:
+def evaluate_command(policy: Path | None, families: tuple[str, ...], seeds: int, epochs: tuple[int, int] | None,
+                     out: Path, tracking_uri: str | None, experiment: str, workers: int, device: str,
+                     no_accuracy: bool, no_progress: bool) -> None:
     """Compare a policy (run as controller.PolicyScheduler) with constant, cosine, step, OneCycle and
     ReduceLROnPlateau schedules, scored against a per-task cosine LR grid search (the oracle)."""
     evaluate(policy, families, seeds, out, tracking_uri, experiment, workers, device, show_progress=not no_progress,
-             policy_accuracy=not no_accuracy)
+             policy_accuracy=not no_accuracy, epochs=epochs)
 
 
 if __name__ == "__main__":

@@ -95,9 +95,10 @@ class BatchShape:
         fam = get_family(family)
         return cls(family, int(rng.choice(fam.widths)), int(rng.choice(fam.depths)), int(rng.choice(fam.batch_sizes)))
 
-    def sample_task(self, rng: np.random.Generator, *, lr_multiplier: float | None = None) -> TaskConfig:
+    def sample_task(self, rng: np.random.Generator, *, lr_multiplier: float | None = None,
+                    epochs: tuple[int, int] | None = None) -> TaskConfig:
         """A task of this shape; optimizer, initial LR, epoch budget and seed drawn by ``TaskFamily.sample``."""
-        task = get_family(self.family).sample(rng, lr_multiplier=lr_multiplier)
+        task = get_family(self.family).sample(rng, lr_multiplier=lr_multiplier, epochs=epochs)
         return replace(task, width=self.width, depth=self.depth, batch_size=self.batch_size)
 
 
@@ -764,7 +765,8 @@ class LRControlVecEnv(VecEnv):
     def _slot_task(self, shape: BatchShape, options: dict[str, Any]) -> TaskConfig:
         if "task" in options:
             return options["task"]
-        return shape.sample_task(self._rng, lr_multiplier=options.get("lr_multiplier", self.config.lr_multiplier))
+        return shape.sample_task(self._rng, lr_multiplier=options.get("lr_multiplier", self.config.lr_multiplier),
+                                 epochs=self.config.epochs)
 
     def _choice(self, names: Sequence[str]) -> str:
         return names[int(self._rng.integers(len(names)))]

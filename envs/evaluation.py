@@ -38,7 +38,7 @@ from controller.policy import PolicyNet
 from controller.scheduler import PolicyScheduler
 from envs import local_data
 from envs.inner import TorchRun
-from envs.tasks import TaskConfig, get_family
+from envs.tasks import TaskConfig, check_epoch_range, get_family
 
 BASELINES: tuple[str, ...] = ("constant", "cosine", "step", "onecycle", "plateau")
 """Schedules the policy is compared with."""
@@ -84,16 +84,18 @@ SELECTION_SEED = 2000
 policy is selected on are not the tasks it is finally evaluated on."""
 
 
-def evaluation_tasks(family: str, seeds: int, multiplier: float, base_seed: int = EVALUATION_SEED) -> list[TaskConfig]:
+def evaluation_tasks(family: str, seeds: int, multiplier: float, base_seed: int = EVALUATION_SEED,
+                     epochs: tuple[int, int] | None = None) -> list[TaskConfig]:
     """The evaluation tasks of a family: task i comes from ``default_rng([base_seed + i, crc32(family)])``.
 
     The family's name is part of the seed, so that task i of two families is drawn independently
     (optimizer, budget, architecture). The same draw at another multiplier gives the same task
-    with another initial LR.
+    with another initial LR; with ``epochs`` (a budget range) the same task with a budget drawn from it.
     """
     fam = get_family(family)
     key = zlib.crc32(family.encode())
-    return [fam.sample(np.random.default_rng([base_seed + i, key]), lr_multiplier=multiplier) for i in range(seeds)]
+    return [fam.sample(np.random.default_rng([base_seed + i, key]), lr_multiplier=multiplier, epochs=epochs)
+            for i in range(seeds)]
 
 
 def make_baseline(name: str, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int) -> Any:
@@ -306,6 +308,8 @@ class Evaluation:
     """``"family/seed"`` → the oracle's final test loss."""
     policy_accuracy: bool = True
     """Whether the policy was given the validation accuracy of classification tasks."""
+    epochs: tuple[int, int] | None = None
+    """The epoch budget range the tasks were drawn with (None: each family's own)."""
 
     def ratio(self, record: RunRecord) -> float:
         return ratio_to(record.final_test, self.oracle[f"{record.family}/{record.seed}"])
@@ -350,7 +354,7 @@ class Evaluation:
             return cls(list(protocol["families"]), int(protocol["seeds"]), [float(m) for m in protocol["multipliers"]],
                        list(schedules), [RunRecord(**r) for r in saved["records"]],
                        {str(k): float(v) for k, v in saved["oracle"].items()},
-                       bool(protocol.get("policy_accuracy", True)))
+                       bool(protocol.get("policy_accuracy", True)), check_epoch_range(protocol.get("epochs")))
         except (KeyError, TypeError, ValueError, AttributeError, StopIteration) as err:
             raise ValueError(f"not a saved evaluation ({type(err).__name__}: {err})") from None
 
@@ -366,7 +370,7 @@ class Evaluation:
         return {
             "protocol": {"families": self.families, "seeds": self.seeds, "multipliers": self.multipliers,
                          "schedules": self.schedules, "oracle_grid": list(ORACLE_GRID), "ratio_cap": RATIO_CAP,
-                         "policy_accuracy": self.policy_accuracy},
+                         "policy_accuracy": self.policy_accuracy, "epochs": self.epochs},
             "summary": summary,
             "per_family": per_family,
             "failures": {s: self.failures(s) for s in self.schedules},
@@ -408,16 +412,19 @@ def evaluate_policy(
     pool: Executor | None = None,
     progress: Callable[[int], None] | None = None,
     policy_accuracy: bool = True,
+    epochs: tuple[int, int] | None = None,
 ) -> Evaluation:
     """The full protocol of this module's docstring: policy, baselines and oracle on ``families``
-    (``policy_accuracy=False``: the policy is given no validation accuracy, as a loop that passes none)."""
+    (``policy_accuracy=False``: the policy is given no validation accuracy, as a loop that passes none;
+    ``epochs``: budgets drawn from this range rather than each family's)."""
+    epochs = check_epoch_range(epochs)
     jobs: list[Job] = []
     for family in families:
         for multiplier in ORACLE_GRID:
-            for i, task in enumerate(evaluation_tasks(family, seeds, multiplier)):
+            for i, task in enumerate(evaluation_tasks(family, seeds, multiplier, epochs=epochs)):
                 jobs.append(Job(task, "cosine", None, i, -multiplier, device))  # negative: oracle grid
         for multiplier in multipliers:
-            for i, task in enumerate(evaluation_tasks(family, seeds, multiplier)):
+            for i, task in enumerate(evaluation_tasks(family, seeds, multiplier, epochs=epochs)):
                 if policy is not None:
                     jobs.append(Job(task, "policy", policy, i, multiplier, device, policy_accuracy))
                 for name in baselines:
@@ -426,7 +433,7 @@ def evaluate_policy(
     oracle = oracle_losses(records)
     schedules = (["policy"] if policy is not None else []) + list(baselines)
     return Evaluation(list(families), seeds, list(multipliers), schedules,
-                      [r for r in records if r.multiplier > 0], oracle, policy_accuracy)
+                      [r for r in records if r.multiplier > 0], oracle, policy_accuracy, epochs)
 
 
 def n_jobs(families: Sequence[str], seeds: int, multipliers: Sequence[float], n_schedules: int) -> int:

@@ -16,7 +16,7 @@ from controller.actions import ActionConfig, next_lr
 from controller.features import CLIP, N_FEATURES, FeatureBuilder
 from envs.evaluation import run_schedule
 from envs.inner import EpochResult, InnerRun, TorchRun
-from envs.tasks import TRAIN_FAMILIES, TaskConfig, check_lr_multiplier, get_family
+from envs.tasks import TRAIN_FAMILIES, TaskConfig, check_epoch_range, check_lr_multiplier, get_family
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ class EnvConfig:
     """A finite val loss above explode_ratio × the untrained model's val loss counts as divergence."""
     lr_multiplier: float | None = None
     """Initial LR = family default × this; None draws it log-uniformly over three decades."""
+    epochs: tuple[int, int] | None = None
+    """Epoch budgets are drawn from this range (inclusive) instead of each family's (10–40 or 10–30)."""
     budget_is_terminal: bool = False
     """Report the end of the epoch budget as ``terminated`` instead of ``truncated``. For RL training: the
     budget is part of the task (observed as ``progress``), so nothing should be bootstrapped past it."""
@@ -58,6 +60,7 @@ class EnvConfig:
         if not (math.isfinite(self.divergence_penalty) and self.divergence_penalty >= 0):
             raise ValueError(f"divergence_penalty must be a finite number >= 0, got {self.divergence_penalty}")
         check_lr_multiplier(self.lr_multiplier)  # here too: a bad one is named when the config is built
+        object.__setattr__(self, "epochs", check_epoch_range(self.epochs))
         if self.num_threads is not None and (isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int)
                                              or self.num_threads < 1):
             raise ValueError(f"num_threads must be a positive int (or None), got {self.num_threads!r}")
@@ -316,7 +319,7 @@ class LRControlEnv(gym.Env):
         if name is None:
             name = self.config.families[int(self.np_random.integers(len(self.config.families)))]
         multiplier = options.get("lr_multiplier", self.config.lr_multiplier)
-        return get_family(name).sample(self.np_random, lr_multiplier=multiplier)
+        return get_family(name).sample(self.np_random, lr_multiplier=multiplier, epochs=self.config.epochs)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):  # type: ignore[override]
         super().reset(seed=seed)

@@ -422,17 +422,21 @@ class TaskFamily:
         return TaskConfig(self.name, seed, self.default_optimizer, self.default_lr(), round(sum(self.epochs) / 2),
                           mid(self.batch_sizes), mid(self.widths), mid(self.depths))
 
-    def sample(self, rng: np.random.Generator, *, lr_multiplier: float | None = None) -> TaskConfig:
+    def sample(self, rng: np.random.Generator, *, lr_multiplier: float | None = None,
+               epochs: tuple[int, int] | None = None) -> TaskConfig:
         """Draw a task: architecture, batch size, optimizer, epoch budget and seed.
 
         The initial LR is ``default_lr(optimizer) × 10^u`` with u ~ U(-1.5, 1.5), or exactly
-        ``default × lr_multiplier`` when one is given (evaluation protocols).
+        ``default × lr_multiplier`` when one is given (evaluation protocols). The epoch budget is drawn
+        from the family's range, or from ``epochs`` (inclusive) when one is given, after the family's own draws: the
+        task is the one drawn without ``epochs``, with another budget.
         """
         check_lr_multiplier(lr_multiplier)
+        epochs = check_epoch_range(epochs)
         optimizer = OPTIMIZERS[int(rng.integers(len(OPTIMIZERS)))]
         u = rng.uniform(-LR_DECADES / 2, LR_DECADES / 2)
         lr = self.default_lr(optimizer) * (10.0**u if lr_multiplier is None else lr_multiplier)
-        return TaskConfig(
+        task = TaskConfig(
             family=self.name,
             seed=int(rng.integers(2**31 - 1)),
             optimizer=optimizer,
@@ -442,6 +446,9 @@ class TaskFamily:
             width=int(rng.choice(self.widths)),
             depth=int(rng.choice(self.depths)),
         )
+        if epochs is not None:  # drawn last: every other draw stays the family's own
+            task = replace(task, epochs=int(rng.integers(epochs[0], epochs[1] + 1)))
+        return task
 
 
 @dataclass(frozen=True)
@@ -577,6 +584,21 @@ def check_lr_multiplier(value: object) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
                               or not 0 < float(value) < math.inf):
         raise ValueError(f"lr_multiplier must be a positive finite number (or None), got {value!r}")
+
+
+def check_epoch_range(value: object) -> tuple[int, int] | None:
+    """``value`` as an epoch budget range ``(low, high)``, inclusive, 1 <= low <= high (None stays None).
+
+    Raises:
+        ValueError: anything else, named.
+    """
+    if value is None:
+        return None
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
+            or not 1 <= value[0] <= value[1]):
+        raise ValueError(f"an epoch budget range must be two ints (low, high) with 1 <= low <= high, got {value!r}")
+    return int(value[0]), int(value[1])
 
 
 def get_family(name: str) -> TaskFamily:

@@ -327,3 +327,44 @@ def test_an_env_mid_episode_pickles_and_goes_on_as_the_original():
         (obs, reward, *_), (obs_copy, reward_copy, *_) = env.step(action), copy.step(action)
         np.testing.assert_array_equal(obs_copy, obs)
         assert reward_copy == reward
+
+
+def test_an_epoch_range_sets_every_budget_and_changes_no_other_draw():
+    from dataclasses import replace
+
+    from envs.batched import make_vec_env
+    from envs.tasks import check_epoch_range
+
+    for family in ("digits_cnn", "tokens_attention", "wine_mlp"):
+        fam = get_family(family)
+        for seed in range(5):
+            plain = fam.sample(np.random.default_rng(seed))
+            long = fam.sample(np.random.default_rng(seed), epochs=(100, 100))
+            assert long == replace(plain, epochs=100)
+    budgets = {get_family("blobs_mlp").sample(np.random.default_rng(s), epochs=(50, 52)).epochs for s in range(60)}
+    assert budgets == {50, 51, 52}
+    for bad in ((0, 5), (6, 5), (5,), (1, 2, 3), "5", (1.0, 2), (True, 2)):
+        with pytest.raises(ValueError, match="an epoch budget range must be two ints"):
+            check_epoch_range(bad)
+        with pytest.raises(ValueError, match="an epoch budget range must be two ints"):
+            EnvConfig(epochs=bad)
+    assert EnvConfig(epochs=[3, 4]).epochs == (3, 4)  # a list (from JSON) becomes a tuple
+    # both environment paths: LRControlEnv and the batched vector env end their episodes at the range's budgets
+    env = make_env("digits_cnn", epochs=(3, 4))
+    ends = set()
+    for seed in range(4):
+        env.reset(seed=seed)
+        done = False
+        while not done:
+            _, _, terminated, truncated, info = env.step(np.zeros(1, dtype=np.float32))
+            done = terminated or truncated
+        ends.add(info["epoch"])
+    assert ends <= {3, 4} and ends
+    venv = make_vec_env(("diabetes_mlp",), n_envs=2, config=EnvConfig(families=("diabetes_mlp",), epochs=(5, 5)),
+                        seed=0)
+    venv.reset()
+    dones = np.zeros(2, dtype=bool)
+    while not dones.any():
+        _, _, dones, infos = venv.step(np.zeros((2, 1), dtype=np.float32))
+    assert dones.all() and [i["epoch"] for i in infos] == [5, 5]
+    venv.close()

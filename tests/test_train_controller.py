@@ -377,6 +377,37 @@ def test_resume_refuses_options_that_differ_from_the_saved_run_but_takes_a_new_d
     # no --timesteps: the saved total (the resume command an interrupt prints has none), not the option's default
     cfg = tc.resume_config({**saved, "timesteps": 384}, options, {"device"}, run)
     assert (cfg.timesteps, cfg.device) == (384, "cpu")
+    # a saved budget range comes back from JSON as a list; runs saved before the option have none
+    from_json = json.loads(json.dumps({**saved, "epochs": [50, 100]}))
+    assert tc.resume_config(from_json, options, {"device"}, run).epochs == (50, 100)
+    assert tc.resume_config({k: v for k, v in saved.items() if k != "epochs"}, options, {"device"}, run).epochs is None
+    result = runner.invoke(tc.cli, ["train", "--resume", "--out", str(run), "--device", "cpu", "--epochs", "100"])
+    assert result.exit_code == 2 and "--epochs (saved: None, given: (100, 100))" in result.output
+
+
+def test_an_epoch_range_reaches_training_episodes_and_validation_tasks(tmp_path):
+    cfg = tc.TrainConfig(**{**TINY, "n_envs": 2, "epochs": (4, 4)}, out=str(tmp_path / "run"))
+    assert tc._epochs(None, None, "4") == (4, 4) and tc._epochs(None, None, "3,30") == (3, 30)  # type: ignore[arg-type]
+    assert {t.epochs for *_, t in tc.Validator(cfg).tasks} == {4}
+    venv = tc.make_vec_env(cfg)
+    venv.reset()
+    dones = np.zeros(2, dtype=bool)
+    while not dones.any():
+        _, _, dones, infos = venv.step(np.zeros((2, 1), dtype=np.float32))
+    assert dones.all() and [i["epoch"] for i in infos] == [4, 4]
+    venv.close()
+
+
+def test_evaluate_policy_draws_budgets_from_a_range_and_saves_it():
+    from envs.evaluation import Evaluation, evaluate_policy
+
+    ev = evaluate_policy(load_policy(None), ["diabetes_mlp"], seeds=1, multipliers=[1.0], baselines=["cosine"],
+                         epochs=(3, 3))
+    assert {len(r.lrs) for r in ev.records} == {3} and ev.epochs == (3, 3)
+    saved = json.loads(json.dumps(ev.to_dict()))
+    assert saved["protocol"]["epochs"] == [3, 3] and Evaluation.from_dict(saved).epochs == (3, 3)
+    assert Evaluation.from_dict({**saved, "protocol": {k: v for k, v in saved["protocol"].items() if k != "epochs"}
+                                 }).epochs is None  # files written before the option
 
 
 def test_unreachable_server_is_reported_before_any_work(tmp_path):
@@ -438,6 +469,9 @@ def test_server_dropping_mid_run_keeps_training_and_says_what_was_lost(tmp_path)
          "['friedman_mlp'] are also in families"),
         (["--experiment", " "], "experiment must name an MLflow experiment"),
         (["--seed", "-1"], "-1 is not in the range 0<=x<=4294967295"),
+        (["--epochs", "40,10"], "expected MIN,MAX (or one number) with 1 <= MIN <= MAX, got '40,10'"),
+        (["--epochs", "0"], "expected MIN,MAX (or one number) with 1 <= MIN <= MAX, got '0'"),
+        (["--epochs", "10,x"], "expected MIN,MAX (or one number)"),
         (["--net-arch", "0,16"], "layer sizes must be positive integers, got '0,16'"),
         (["--batch-size", "1025", "--n-steps", "64", "--n-envs", "16"], "batch_size 1025 exceeds the rollout size"),
     ],
