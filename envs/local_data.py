@@ -32,8 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy._core.multiarray import _reconstruct  # type: ignore[attr-defined]
-from numpy._core.numeric import _frombuffer  # type: ignore[attr-defined]
+
+try:  # NumPy 2
+    from numpy._core.multiarray import _reconstruct  # type: ignore[attr-defined]
+    from numpy._core.numeric import _frombuffer  # type: ignore[attr-defined]
+except ImportError:  # NumPy 1
+    from numpy.core.multiarray import _reconstruct  # type: ignore[attr-defined,no-redef]
+    from numpy.core.numeric import _frombuffer  # type: ignore[attr-defined,no-redef]
 
 DATA_ROOT_ENV = "LRCONTROL_DATA"
 """Environment variable naming the root directory of a local torchvision download."""
