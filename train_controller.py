@@ -914,8 +914,7 @@ def _epochs(ctx: click.Context, param: click.Parameter, value: str | None) -> tu
         return None
     try:
         parts = [int(v) for v in value.split(",")]
-        return check_epoch_range(tuple(parts) if len(parts) == 2 else (parts[0], parts[0]) if len(parts) == 1
-                                 else parts)
+        return check_epoch_range(parts * 2 if len(parts) == 1 else parts)  # one number: that budget
     except ValueError:
         raise click.BadParameter(f"expected MIN,MAX (or one number) with 1 <= MIN <= MAX, got {value!r}") from None
 

@@ -99,5 +99,6 @@ def table(ev: Evaluation) -> str:
         lines.append(f"| {s} | {mean:.3f} ± {std:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
+
 if __name__ == "__main__":
     main()

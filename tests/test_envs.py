@@ -11,7 +11,9 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import envs
 from controller.features import CLIP, N_FEATURES
-from envs import FAMILIES, LOCAL_FAMILIES, TEST_FAMILIES, TRAIN_FAMILIES, VALIDATION_FAMILIES, EnvConfig, TorchRun, get_family
+from envs import (
+    FAMILIES, LOCAL_FAMILIES, TEST_FAMILIES, TRAIN_FAMILIES, VALIDATION_FAMILIES, EnvConfig, TorchRun, get_family,
+)
 
 
 def make_env(family: str, **kwargs) -> envs.LRControlEnv:

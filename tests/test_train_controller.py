@@ -398,13 +398,17 @@ def test_an_epoch_range_reaches_training_episodes_and_validation_tasks(tmp_path)
     venv.close()
 
 
-def test_evaluate_policy_draws_budgets_from_a_range_and_saves_it():
-    from envs.evaluation import Evaluation, evaluate_policy
+def test_evaluate_epochs_draws_every_budget_from_the_range_and_saves_it(tmp_path):
+    from envs.evaluation import Evaluation
 
-    ev = evaluate_policy(load_policy(None), ["diabetes_mlp"], seeds=1, multipliers=[1.0], baselines=["cosine"],
-                         epochs=(3, 3))
-    assert {len(r.lrs) for r in ev.records} == {3} and ev.epochs == (3, 3)
-    saved = json.loads(json.dumps(ev.to_dict()))
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(tc.cli, ["evaluate", "--families", "diabetes_mlp", "--seeds", "1", "--epochs", "3",
+                                         "--out", str(out), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                         "--workers", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (out / "evaluation.txt").read_text().startswith("epoch budgets drawn from 3-3\n")
+    saved = json.loads((out / "evaluation.json").read_text())
+    assert {len(r["lrs"]) for r in saved["records"]} == {3}
     assert saved["protocol"]["epochs"] == [3, 3] and Evaluation.from_dict(saved).epochs == (3, 3)
     assert Evaluation.from_dict({**saved, "protocol": {k: v for k, v in saved["protocol"].items() if k != "epochs"}
                                  }).epochs is None  # files written before the option
