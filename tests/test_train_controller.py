@@ -180,7 +180,8 @@ def _train_cli(args: list[str], cwd: Path) -> subprocess.Popen:
 
 def test_kill_and_resume_continues_steps_and_mlflow_run(tmp_path):
     out = tmp_path / "run"
-    args = [*TINY_CLI, "--timesteps", "384", "--checkpoint-every", "64", "--out", str(out)]
+    args = [*TINY_CLI, "--timesteps", "384", "--checkpoint-every", "64", "--gamma", "0.9", "--gae-lambda", "0.8",
+            "--out", str(out)]
     proc = _train_cli(args, tmp_path)
     state_path = out / "state.json"
     deadline = time.monotonic() + 300
@@ -209,6 +210,9 @@ def test_kill_and_resume_continues_steps_and_mlflow_run(tmp_path):
     steps = [m.step for m in client.get_metric_history(state["mlflow_run_id"], "time/total_timesteps")]
     assert steps == sorted(set(steps)) and steps[-1] == 384, steps  # continued, never restarted from 0
     assert client.get_run(state["mlflow_run_id"]).data.params["timesteps"] == "384"
+    params = client.get_run(state["mlflow_run_id"]).data.params
+    assert (params["gamma"], params["gae_lambda"]) == ("0.9", "0.8")  # the CLI's PPO options, kept by the resume
+    assert (state["config"]["gamma"], state["config"]["gae_lambda"]) == (0.9, 0.8)
     assert (out / "policy.safetensors").exists()
 
 
@@ -469,6 +473,8 @@ def test_server_dropping_mid_run_keeps_training_and_says_what_was_lost(tmp_path)
         (["--learning-rate", "nan"], "learning_rate must be a finite number"),
         (["--learning-rate", "inf"], "learning_rate must be a finite number"),
         (["--ent-coef", "nan"], "ent_coef must be a finite number"),
+        (["--gamma", "1.5"], "1.5 is not in the range 0<=x<=1"),
+        (["--gae-lambda", "nan"], "gae_lambda must be a finite number"),
         (["--families", "breast_cancer_mlp,friedman_mlp", "--eval-families", "friedman_mlp"],
          "['friedman_mlp'] are also in families"),
         (["--experiment", " "], "experiment must name an MLflow experiment"),
