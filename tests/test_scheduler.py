@@ -226,7 +226,7 @@ def test_a_param_group_without_lr_is_a_value_error():
 
 
 DDP_WORKER = """
-import json, sys
+import json, os, sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -255,10 +255,13 @@ def worker(rank, world, init, out, sync, replicated):
         with torch.no_grad():
             val = torch.nn.functional.mse_loss(model(x), y).item()
         sched.step(val * 1.1, train_loss=val)
-    json.dump({"lrs": [h["lr"] for h in sched.history], "val": [h["val_loss"] for h in sched.history],
-               "weights": [p.detach().sum().item() for p in model.parameters()]}, open(f"{out}.{rank}", "w"))
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"lrs": [h["lr"] for h in sched.history], "val": [h["val_loss"] for h in sched.history],
+                   "weights": [p.detach().sum().item() for p in model.parameters()]}, f)
     dist.barrier()  # a broadcast's root returns before the others have read: tearing down now can abort them
-    dist.destroy_process_group()
+    # Gloo's teardown (destroy_process_group, or the interpreter's exit) now and then aborts a rank with "terminate
+    # called without an active exception" (seen in a CI run at e19c521): the result is written, so leave without it.
+    os._exit(0)
 
 
 if __name__ == "__main__":
