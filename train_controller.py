@@ -948,7 +948,7 @@ def cli() -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=_D.batch_size, help="PPO minibatch size.")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=_D.learning_rate, help="PPO learning rate.")
 @click.option("--n-epochs", type=click.IntRange(min=1), default=_D.n_epochs, help="PPO epochs per rollout.")
-@click.option("--gamma", type=click.FloatRange(0, 1), default=_D.gamma, help="PPO discount factor per epoch (1: an episode's return is log(first val loss / final val loss), undiscounted).")
+@click.option("--gamma", type=click.FloatRange(0, 1), default=_D.gamma, help="PPO discount factor per epoch (1: undiscounted, so an episode's return is log(first epoch's val loss / last epoch's), unless the run diverged).")
 @click.option("--gae-lambda", type=click.FloatRange(0, 1), default=_D.gae_lambda, help="PPO GAE lambda.")
 @click.option("--ent-coef", type=click.FloatRange(min=0), default=_D.ent_coef, help="PPO entropy bonus.")
 @click.option("--net-arch", callback=_net, default=",".join(map(str, _D.net_arch)), help="Hidden layer sizes of policy and value nets.")

@@ -209,8 +209,8 @@ def test_kill_and_resume_continues_steps_and_mlflow_run(tmp_path):
     assert [r.info.run_id for r in runs] == [state["mlflow_run_id"]]
     steps = [m.step for m in client.get_metric_history(state["mlflow_run_id"], "time/total_timesteps")]
     assert steps == sorted(set(steps)) and steps[-1] == 384, steps  # continued, never restarted from 0
-    assert client.get_run(state["mlflow_run_id"]).data.params["timesteps"] == "384"
     params = client.get_run(state["mlflow_run_id"]).data.params
+    assert params["timesteps"] == "384"
     assert (params["gamma"], params["gae_lambda"]) == ("0.9", "0.8")  # the CLI's PPO options, kept by the resume
     assert (state["config"]["gamma"], state["config"]["gae_lambda"]) == (0.9, 0.8)
     assert (out / "policy.safetensors").exists()
