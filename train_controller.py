@@ -916,7 +916,7 @@ def _epochs(ctx: click.Context, param: click.Parameter, value: str | None) -> tu
         parts = [int(v) for v in value.split(",")]
         return check_epoch_range(parts * 2 if len(parts) == 1 else parts)  # one number: that budget
     except ValueError:
-        raise click.BadParameter(f"expected MIN,MAX (or one number) with 1 <= MIN <= MAX, got {value!r}") from None
+        raise click.BadParameter(f"expected MIN,MAX (or one number) with 2 <= MIN <= MAX, got {value!r}") from None
 
 
 def _net(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:

@@ -472,7 +472,7 @@ class TaskConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        for name, low in (("epochs", 1), ("batch_size", 1), ("width", 1), ("depth", 0), ("seed", 0)):
+        for name, low in (("epochs", 2), ("batch_size", 1), ("width", 1), ("depth", 0), ("seed", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -587,7 +587,8 @@ def check_lr_multiplier(value: object) -> None:
 
 
 def check_epoch_range(value: object) -> tuple[int, int] | None:
-    """``value`` as an epoch budget range ``(low, high)``, inclusive, 1 <= low <= high (None stays None).
+    """``value`` as an epoch budget range ``(low, high)``, inclusive, 2 <= low <= high (None stays None): the
+    environment's ``reset()`` trains the first epoch, so a budget needs a second for the agent to set.
 
     Raises:
         ValueError: anything else, named.
@@ -596,8 +597,8 @@ def check_epoch_range(value: object) -> tuple[int, int] | None:
         return None
     if (not isinstance(value, (tuple, list)) or len(value) != 2
             or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
-            or not 1 <= value[0] <= value[1]):
-        raise ValueError(f"an epoch budget range must be two ints (low, high) with 1 <= low <= high, got {value!r}")
+            or not 2 <= value[0] <= value[1]):
+        raise ValueError(f"an epoch budget range must be two ints (low, high) with 2 <= low <= high, got {value!r}")
     return int(value[0]), int(value[1])
 
 

@@ -247,7 +247,7 @@ def test_exit_with_ends_a_worker_when_its_parent_ends(pidfd):
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"epochs": 0}, "epochs must be an int >= 1"), ({"batch_size": 0}, "batch_size must be an int >= 1"),
+    [({"epochs": 1}, "epochs must be an int >= 2"), ({"batch_size": 0}, "batch_size must be an int >= 1"),
      ({"width": 0}, "width must be an int >= 1"), ({"depth": -1}, "depth must be an int >= 0"),
      ({"seed": 1.5}, "seed must be an int"), ({"lr": math.nan}, "lr must be a positive finite number"),
      ({"lr": 0.0}, "lr must be a positive finite number"), ({"optimizer": "rmsprop"}, "optimizer must be one of"),
@@ -345,7 +345,7 @@ def test_an_epoch_range_sets_every_budget_and_changes_no_other_draw():
             assert long == replace(plain, epochs=100)
     budgets = {get_family("blobs_mlp").sample(np.random.default_rng(s), epochs=(50, 52)).epochs for s in range(60)}
     assert budgets == {50, 51, 52}
-    for bad in ((0, 5), (6, 5), (5,), (1, 2, 3), "5", (1.0, 2), (True, 2)):
+    for bad in ((0, 5), (1, 5), (6, 5), (5,), (1, 2, 3), "5", (1.0, 2), (True, 2)):
         with pytest.raises(ValueError, match="an epoch budget range must be two ints"):
             check_epoch_range(bad)
         with pytest.raises(ValueError, match="an epoch budget range must be two ints"):
