@@ -138,7 +138,7 @@ def _check_plain_state(state: dict[str, Any]) -> None:
         "_warned_nonfinite": lambda v: isinstance(v, bool),
         "_pending_train_sum": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),  # NaN allowed
         "_pending_train_weight": lambda v: number(v) and v >= 0,
-        "_raw_lrs": lambda v: rates(v) and all(x > 0 for x in v),
+        "_raw_lrs": lambda v: rates(v) and (not v or v[0] > 0),  # other groups may be frozen at 0
     }
     bad = [f"{key}={state[key]!r}" for key, ok in checks.items() if key in state and not ok(state[key])]
     if bad:
@@ -568,7 +568,7 @@ class PolicyScheduler(LRScheduler):
         before = self.state_dict()
         try:
             self._load_state(state_dict)
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as err:
             self._load_state(before)  # a refused state leaves the scheduler as it was
             if isinstance(err, ValueError):
                 raise
@@ -615,5 +615,5 @@ class PolicyScheduler(LRScheduler):
         self.history = [dict(h) for h in state.pop("history")]
         # absent from states saved by earlier versions: nothing pending; unbounded LRs start from the groups' LRs
         self._pending_train_sum, self._pending_train_weight, self._raw_lrs = 0.0, 0.0, []
-        for key, value in state.items():
-            setattr(self, key, value)
+        for key, value in state.items():  # lists copied: decisions change them in place, not the caller's dict
+            setattr(self, key, list(value) if isinstance(value, list) else value)

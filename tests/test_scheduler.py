@@ -574,6 +574,47 @@ def test_a_bound_on_one_group_keeps_the_ratios_of_all(tiny_mlp):
             assert [g["lr"] for g in o.param_groups] == pytest.approx(want)
 
 
+@no_training
+def test_one_state_dict_resumes_twice_the_same_and_a_frozen_group_resumes(tiny_mlp):
+    """Loading a state copies its lists (decisions used to change the caller's dict in place, so a second resume
+    from one in-memory state started elsewhere), and a group frozen at LR 0 does not make the state unloadable."""
+    model, _, _ = tiny_mlp
+    policy = _fixed_policy(5.0)
+    opt = _two_groups(model)
+    sched = PolicyScheduler(opt, total_epochs=30, policy=policy, max_lr=[math.inf, 0.001])
+    sched.step(1.0, train_loss=1.0)  # group 1 held at its bound, its unbounded LR 0.002
+    state = sched.state_dict()
+    saved = copy.deepcopy(state)
+    with torch.no_grad():
+        policy.action_net.bias.fill_(-5.0)
+    for _ in range(2):
+        resumed_opt = _two_groups(model)
+        for group, lr in zip(resumed_opt.param_groups, (0.02, 0.001)):
+            group["lr"] = lr
+        resumed = PolicyScheduler(resumed_opt, total_epochs=30, policy=policy, max_lr=[math.inf, 0.001])
+        resumed.load_state_dict(state)
+        lrs = []
+        for epoch in range(2):
+            resumed.step(0.99 - 0.01 * epoch, train_loss=1.0)
+            lrs += [g["lr"] for g in resumed_opt.param_groups]
+        assert lrs == pytest.approx([0.01, 0.001, 0.005, 0.0005])
+        assert state == saved
+
+    def frozen():  # group 1 frozen at LR 0, as for a backbone
+        params = list(model.parameters())
+        opt = torch.optim.SGD([{"params": params[:2], "lr": 0.01}, {"params": params[2:], "lr": 0.0}])
+        return opt, PolicyScheduler(opt, total_epochs=30, policy=policy)
+
+    opt, sched = frozen()
+    sched.step(1.0, train_loss=1.0)
+    resumed_opt, resumed = frozen()
+    resumed_opt.param_groups[0]["lr"] = opt.param_groups[0]["lr"]
+    resumed.load_state_dict(sched.state_dict())
+    for s in (sched, resumed):
+        s.step(0.9, train_loss=1.0)
+    assert resumed.get_last_lr() == sched.get_last_lr() == [0.0025, 0.0]
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
 def test_a_copied_run_keeps_its_gradient_signals(tiny_mlp, how):
     """Copying the whole run (model, optimizer, scheduler) copies an optimizer without its hooks: the copy's scheduler
@@ -683,6 +724,8 @@ def test_bad_arguments_are_value_errors(tiny_mlp):
         fresh.load_state_dict({k: v for k, v in before.items() if k not in ("last_epoch", "initial_lr")})
     with pytest.raises(ValueError, match="malformed PolicyScheduler state .*previous_steps"):
         fresh.load_state_dict({**before, "hook": {"steps": 3}})  # after the features: they must not stay loaded
+    with pytest.raises(ValueError, match=r"malformed PolicyScheduler state \(OverflowError"):
+        fresh.load_state_dict({**before, "hook": {**before["hook"], "norms": [10**400]}})
     with pytest.raises(ValueError, match="'history' must be a list of dicts"):
         fresh.load_state_dict({**before, "history": 5})
     with pytest.raises(ValueError, match=r"malformed PolicyScheduler state: total_epochs='thirty', initial_lr=-1.0"):
