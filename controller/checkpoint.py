@@ -179,19 +179,29 @@ def load_policy(path: str | Path | None = None) -> PolicyNet:
             raise ValueError("'action_map' and 'net' must be JSON objects")
         action_config = ActionConfig.from_dict(meta["action_map"])
         shape = meta["net"]
-        net = PolicyNet(
-            shape["n_features"], tuple(shape["hidden"]), shape["activation"], obs_clip=shape.get("obs_clip", 10.0)
-        )
-    except (KeyError, TypeError, ValueError) as err:
+
+        def build() -> PolicyNet:
+            return PolicyNet(shape["n_features"], tuple(shape["hidden"]), shape["activation"],
+                             obs_clip=shape.get("obs_clip", 10.0))
+
+        with torch.device("meta"):  # the declared shape, allocating nothing (a tiny file may declare a huge net)
+            declared = build()
+        if declared.n_features != len(FEATURE_NAMES):
+            raise ValueError(f"a net of {declared.n_features} inputs for {len(FEATURE_NAMES)} feature names")
+        expected = {k: tuple(t.shape) for k, t in declared.state_dict().items()}
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as err:  # Runtime: a size past int64
         raise _refuse(path, f"invalid metadata ({err})") from None
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise _refuse(path, f"corrupt or truncated tensor data ({err})") from None
-    try:
-        net.load_state_dict(tensors, strict=True)
-    except RuntimeError as err:
-        raise _refuse(path, f"weights do not match the declared net shape ({err})") from None
+    found = {k: tuple(t.shape) for k, t in tensors.items()}
+    if found != expected:
+        wrong = sorted(k for k in found.keys() | expected.keys() if found.get(k) != expected.get(k))
+        raise _refuse(path, f"weights do not match the declared net shape ({', '.join(wrong)}: "
+                            f"{[found.get(k) for k in wrong]} in the file, {[expected.get(k) for k in wrong]} declared)")
+    net = build()
+    net.load_state_dict(tensors, strict=True)
     if not all(torch.isfinite(t).all() for t in net.state_dict().values()):
         raise _refuse(path, "it contains non-finite weights")
     if not (net.obs_std > 0).all():

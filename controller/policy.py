@@ -107,7 +107,7 @@ class PolicyNet(nn.Module):
         program = self._numpy_program()
         if program is None:  # weights on an accelerator or not float32: torch it is
             with torch.inference_mode():
-                return float(self.forward(torch.as_tensor(obs, dtype=torch.float32))[0])
+                return float(self.forward(torch.as_tensor(obs, dtype=torch.float32, device=self.obs_mean.device))[0])
         lo, hi, x, layers, (w_out, b_out) = program
         # the clip as two ufuncs: np.clip's Python layer costs more
         np.minimum(np.maximum(np.asarray(obs, dtype=np.float32), lo, out=x), hi, out=x)

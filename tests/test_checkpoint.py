@@ -59,6 +59,14 @@ def test_act_agrees_with_forward_and_follows_weight_changes(activation):
     assert net.act(obs[0].numpy()) == pytest.approx(float(net(obs[:1].double()).detach()[0, 0]), abs=1e-12)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_act_on_cuda_weights_takes_the_torch_path():
+    torch.manual_seed(0)
+    net = PolicyNet(N_FEATURES, hidden=(16, 8))
+    obs = torch.randn(N_FEATURES).numpy()
+    assert net.to("cuda").act(obs) == pytest.approx(net.cpu().act(obs), abs=1e-5)
+
+
 @pytest.mark.parametrize("hidden", [(), (8,), (16, 8, 4)])
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 def test_act_agrees_with_forward_at_any_depth(hidden, activation):
@@ -175,7 +183,7 @@ def test_a_file_missing_a_tensor_is_refused(tmp_path):
     tensors = load(good.read_bytes())
     tensors.pop("obs_std")
     (tmp_path / "m.safetensors").write_bytes(save(tensors, metadata=read_metadata_raw(good)))
-    with pytest.raises(ValueError, match=r"(?s)weights do not match the declared net shape.*Missing key.*obs_std"):
+    with pytest.raises(ValueError, match=r"weights do not match the declared net shape \(obs_std: \[None\] in the file, \[\(19,\)\] declared\)"):
         load_policy(tmp_path / "m.safetensors")
 
 
@@ -238,6 +246,9 @@ def _declare(net: dict | None = None, **changes):
         (_set_metadata(json.dumps({"format": "something-else", "format_version": 1})), "metadata format is"),
         (_set_metadata(json.dumps({"format": "lrcontrol-policy", "format_version": "1"})), "invalid format_version"),
         (_declare(net={"hidden": [16, 16]}), "weights do not match the declared net shape"),
+        (_declare(net={"hidden": [10**6, 10**6]}), "weights do not match the declared net shape"),  # never built
+        (_declare(net={"hidden": [10**12, 10**12]}), "invalid metadata .*overflowed"),
+        (_declare(net={"n_features": 5}), "a net of 5 inputs for 19 feature names"),
         (_declare(net={"hidden": [-1, 8]}), "hidden layer widths must be positive"),
         (_declare(net={"obs_clip": -1.0}), "obs_clip must be a positive"),
         (_declare(net={"n_features": "19"}), "n_features must be a positive int"),
@@ -246,7 +257,8 @@ def _declare(net: dict | None = None, **changes):
         (lambda header: {**header, "__metadata__": [1]}, "'__metadata__' is not a JSON object"),
         (lambda header: {**header, "__metadata__": {METADATA_KEY: 5}}, "metadata is not a JSON string"),
     ],
-    ids=["header-json", "header-list", "metadata-json", "format", "format-version", "shape", "negative-width",
+    ids=["header-json", "header-list", "metadata-json", "format", "format-version", "shape", "huge-shape", "overflowing-shape",
+         "five-inputs", "negative-width",
          "negative-clip", "string-features", "action-map-list", "feature-names-int", "metadata-list", "metadata-int"],
 )
 def test_corrupt_header_or_metadata_is_refused(tmp_path, edit, message):
