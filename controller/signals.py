@@ -227,7 +227,8 @@ class _ProbePlan:
         self.params = params
         sizes = [p.numel() for p in params]
         device = params[0].device
-        dtype = functools.reduce(torch.promote_types, (p.dtype for p in params))
+        # at least float32: in half precision a product of two gradient norms past 256 overflows (cos = inf / inf)
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in params), torch.float32)
         self.sketched = (index := probe_coordinates(sum(sizes), device)) is not None
         bounds = list(itertools.accumulate(sizes, initial=0))
         if index is None:
@@ -272,6 +273,8 @@ class _ProbePlan:
                     out.copy_(tensors[j].reshape(-1).index_select(0, i))
         return self.vectors[step]
 
+
+_HALF = (torch.float16, torch.bfloat16)
 
 _ATTACHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[tuple[weakref.ref[StepStatsHook], RemovableHandle]]] = (
     weakref.WeakKeyDictionary()
@@ -390,7 +393,11 @@ class StepStatsHook:
         grads: list[Tensor] = [self.params[i].grad for i in watched]  # type: ignore[misc]  # None filtered above
         sparse = any(g.layout != torch.strided for g in grads)
         if index % self._norm_every == 0:
-            norms = torch._foreach_norm([_norm_view(g) for g in grads] if sparse else grads)
+            views = [_norm_view(g) for g in grads] if sparse else grads
+            if any(g.dtype in _HALF for g in grads):  # float32 norms: a half one overflows past 65504
+                norms = torch._foreach_norm(views, 2, torch.float32)
+            else:
+                norms = torch._foreach_norm(views)
             if not self._one_device:
                 norms = tuple(n.to(self._device) for n in norms)
             self._norms.add(torch.linalg.vector_norm(torch.stack(norms)))

@@ -325,6 +325,22 @@ def test_hook_by_hand_in_other_dtypes(dtype, rel):
     assert stats.update_ratio == pytest.approx(ratio, rel=rel)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", [300.0, 1e5])
+def test_half_precision_gradients_past_its_range_give_true_signals(dtype, norm):
+    """Half-precision gradient norms of 300 and 1e5 (a product of two norms past 65504 made the cosine
+    inf / inf = NaN in float16, and 1e5 itself overflows it): the probe and the norms are taken in float32."""
+    p = torch.nn.Parameter(torch.ones(1000, dtype=dtype))
+    opt = torch.optim.SGD([p], lr=1e-9)
+    hook = StepStatsHook(opt)
+    for _ in range(16):
+        p.grad = torch.full_like(p, norm / 1000**0.5)  # successive gradients identical: cosine 1
+        opt.step()
+    stats = hook.collect()
+    assert stats.grad_cos == pytest.approx(1.0, abs=1e-5)
+    assert stats.grad_norm_mean == pytest.approx(norm, rel=1e-2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("first", ["cuda", "cpu"])
 @pytest.mark.parametrize("width", [8, 256], ids=["whole", "sketch"])
