@@ -231,9 +231,12 @@ def check_resumed_run(uri: str, run_id: str) -> None:
         raise click.ClickException(f"--resume: the run's MLflow store {path} does not exist; {hint}")
     check_tracking_uri(uri)
     try:
-        mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
+        run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
     except mlflow.exceptions.MlflowException:
         raise click.ClickException(f"--resume: MLflow run {run_id} is not in {uri}; {hint}") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise click.ClickException(f"--resume: MLflow run {run_id} in {uri} was deleted; restore it first "
+                                   f"(`MLFLOW_TRACKING_URI={uri} mlflow runs restore --run-id {run_id}`)")
 
 
 def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
@@ -551,13 +554,21 @@ def _sigterm_as_keyboard_interrupt() -> Iterator[None]:
 
 
 def read_state(state_path: Path, command: str) -> dict[str, Any]:
-    """A run's ``state.json``; a ClickException naming the file when it is not a JSON object."""
+    """A run's ``state.json``; a ClickException naming the file when it is not a run's state (not JSON, not an
+    object, or without the parts every command reads)."""
     try:
         state = json.loads(state_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         state, problem = None, f"is not valid JSON ({err})"
     else:
         problem = f"holds a JSON {type(state).__name__}, not an object"
+    if isinstance(state, dict):
+        kinds: dict[str, type | tuple[type, ...]] = {"config": dict, "mlflow_run_id": str, "num_timesteps": int,
+                                                     "checkpoint": (str, type(None))}
+        wrong = [f"{key!r} is {state[key]!r}" if key in state else f"no {key!r}"
+                 for key, kind in kinds.items() if not isinstance(state.get(key, ...), kind)]
+        if wrong:
+            state, problem = None, f"has {', '.join(wrong)}"
     if not isinstance(state, dict):
         raise click.ClickException(f"{command}: {state_path} {problem}; it holds the run's state, so the run cannot "
                                    "be used until it is repaired")
@@ -599,6 +610,9 @@ def _check_out_dir(out: Path, resume: bool) -> dict[str, Any] | None:
         return saved_run(out)
     if (out / STATE_FILE).exists():
         raise click.ClickException(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if any((out / CHECKPOINT_DIR).glob("step_*.zip")):  # a new run would prune them as its own
+        raise click.ClickException(f"{out / CHECKPOINT_DIR} holds checkpoints of an earlier run (with no {STATE_FILE}); "
+                                   "move them away, or choose another --out")
     return None
 
 
@@ -637,9 +651,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
     if saved is not None:
         state = saved
         state.pop("finished", None)  # trained further: finished again only at the end
-        if state.get("tracking_uri") != uri:  # the next resume looks there too
-            state["tracking_uri"] = uri
-            _atomic_write_json(out / STATE_FILE, state)
+        # the next resume goes on with this one's total, device and store (its MLflow params keep the first values)
+        state.update(tracking_uri=uri, config=dataclasses.asdict(cfg))
+        _atomic_write_json(out / STATE_FILE, state)
         run = mlflow.start_run(run_id=state["mlflow_run_id"])
     else:
         mlflow.set_experiment(cfg.experiment)
@@ -837,9 +851,9 @@ def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path
                             [r for r in ev.records if r.schedule == best_baseline],
                             out / "evaluation_trajectories.png", best_baseline)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
     tracker = Tracker(out)
-    with mlflow.start_run(run_name="evaluate"):
+    # the results are written: a tracking server that went away during the runs costs only the MLflow record
+    if tracker.call("run", lambda: (mlflow.set_experiment(experiment), mlflow.start_run(run_name="evaluate"))):
         tracker.call("params", lambda: mlflow.log_params({"policy": str(policy or "default"), "families":
                                                            ",".join(families), "seeds": seeds,
                                                            "policy_accuracy": policy_accuracy,
@@ -849,6 +863,7 @@ def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path
         tracker.log_metrics(metrics, 0)
         for path in (out / "evaluation.json", out / "evaluation.txt", png):
             tracker.log_artifact(path)
+        tracker.call("run end", mlflow.end_run)
     message = tracker.summary()
     if message:
         click.echo(f"warning: {message}", err=True)
@@ -943,7 +958,7 @@ def cli() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=_D.out, help="Output directory (checkpoints, state, exported policy).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI, e.g. http://127.0.0.1:5000. Default: sqlite:///./mlflow.db (no server).")
 @click.option("--experiment", default=_D.experiment, help="MLflow experiment name.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same MLflow run, step counter continued) with its saved options: only --timesteps, --device and --tracking-uri (where the run's store is now) may change. A finished run needs a larger --timesteps to train further.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (same MLflow run, step counter continued) with its saved options: only --timesteps, --device and --tracking-uri (where the run's store is now) may change, and the next --resume keeps them. A finished run needs a larger --timesteps to train further.")
 @click.option("--n-steps", type=click.IntRange(min=1), default=_D.n_steps, help="PPO rollout length per env.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=_D.batch_size, help="PPO minibatch size.")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=_D.learning_rate, help="PPO learning rate.")
@@ -1003,6 +1018,8 @@ def resume_config(saved: dict[str, Any], options: dict[str, Any], given: set[str
         raise ValueError(f"--resume continues the run in {out} with its saved configuration, and these options differ "
                          f"from it: {shown}. Leave them out, or start a new run in another --out")
     changed = {k: options[k] for k in RESUME_OVERRIDES if k in given}  # else the saved total: not the default's
+    if "tracking_uri" in changed:  # against this directory: the same relative URI as the saved one may be a moved store
+        changed["tracking_uri"] = resolve_tracking_uri(changed["tracking_uri"])
     return TrainConfig(**{**saved, **changed, "out": str(out)})
 
 

@@ -364,7 +364,8 @@ def test_resume_refuses_options_that_differ_from_the_saved_run_but_takes_a_new_d
     run.mkdir()
     saved = dataclasses.asdict(tc.TrainConfig(out=str(run), seed=3))
     saved["device"] = "cuda:99"  # trained on a machine with more GPUs than this one has
-    (run / tc.STATE_FILE).write_text(json.dumps({"config": saved, "checkpoint": None}))
+    (run / tc.STATE_FILE).write_text(json.dumps({"config": saved, "checkpoint": None, "mlflow_run_id": "0123abc",
+                                                 "num_timesteps": 0}))
     runner = CliRunner()
     result = runner.invoke(tc.cli, ["train", "--resume", "--out", str(run), "--families", "digits_mlp", "--seed", "3",
                                     "--experiment", "other"])
@@ -378,6 +379,11 @@ def test_resume_refuses_options_that_differ_from_the_saved_run_but_takes_a_new_d
     options = {**saved, "timesteps": 500, "device": "cpu"}
     cfg = tc.resume_config(saved, options, {"timesteps", "device", "seed"}, run)
     assert (cfg.timesteps, cfg.device, cfg.seed, cfg.families) == (500, "cpu", 3, tc.TRAIN_FAMILIES)
+    # a store given again as the same relative URI as the saved one may have moved with the run: resolved here
+    saved["tracking_uri"] = "sqlite:///m.db"
+    cfg = tc.resume_config(saved, {**options, "tracking_uri": "sqlite:///m.db"}, {"tracking_uri", "device"}, run)
+    assert cfg.tracking_uri == f"sqlite:///{Path.cwd() / 'm.db'}"
+    assert tc.resume_config(saved, options, {"device"}, run).tracking_uri == "sqlite:///m.db"  # not given: saved
     # no --timesteps: the saved total (the resume command an interrupt prints has none), not the option's default
     cfg = tc.resume_config({**saved, "timesteps": 384}, options, {"device"}, run)
     assert (cfg.timesteps, cfg.device) == (384, "cpu")
@@ -416,6 +422,28 @@ def test_evaluate_epochs_draws_every_budget_from_the_range_and_saves_it(tmp_path
     assert saved["protocol"]["epochs"] == [3, 3] and Evaluation.from_dict(saved).epochs == (3, 3)
     assert Evaluation.from_dict({**saved, "protocol": {k: v for k, v in saved["protocol"].items() if k != "epochs"}
                                  }).epochs is None  # files written before the option
+
+
+def test_evaluate_keeps_its_results_when_the_server_goes_away_during_the_runs(tmp_path, monkeypatch):
+    server = MlflowServer(tmp_path / "server")
+    real = tc.evaluate_policy
+
+    def stop_then_run(*args, **kwargs):
+        server.stop()  # after the up-front checks, before MLflow is needed again
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tc, "evaluate_policy", stop_then_run)
+    out = tmp_path / "eval"
+    try:
+        result = CliRunner().invoke(tc.cli, ["evaluate", "--families", "diabetes_mlp", "--seeds", "1", "--epochs",
+                                             "3", "--out", str(out), "--tracking-uri", server.uri, "--workers", "1",
+                                             "--no-progress"])
+    finally:
+        server.stop()
+    assert result.exit_code == 0, result.output
+    assert "MLflow did not receive" in result.output and f"wrote {out / 'evaluation.json'}" in result.output
+    assert json.loads((out / "evaluation.json").read_text())["records"]
+    assert "run" in {json.loads(line)["what"] for line in (out / tc.UNLOGGED_FILE).read_text().splitlines()}
 
 
 def test_unreachable_server_is_reported_before_any_work(tmp_path):
@@ -525,6 +553,12 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path):
     result = CliRunner().invoke(tc.cli, ["train", "--timesteps", "64", "--out", str(out)])
     assert result.exit_code != 0 and "already holds a run" in result.output
     assert (out / "state.json").read_text() == "{}"
+    (out / "state.json").unlink()  # an earlier run's checkpoints without its state: a new run would prune them
+    (out / tc.CHECKPOINT_DIR).mkdir()
+    (out / tc.CHECKPOINT_DIR / "step_000020000.zip").write_bytes(b"PK")
+    result = CliRunner().invoke(tc.cli, ["train", "--timesteps", "64", "--out", str(out)])
+    assert result.exit_code != 0 and "holds checkpoints of an earlier run" in result.output
+    assert [p.name for p in (out / tc.CHECKPOINT_DIR).iterdir()] == ["step_000020000.zip"]
 
 
 def test_export_matches_sb3_predict(tmp_path):
@@ -647,11 +681,18 @@ def test_commands_refuse_what_they_cannot_use_before_any_work(tmp_path):
         for args in (["train", "--resume", "--out", str(run)], ["export", str(run), str(tmp_path / "p.safetensors")]):
             result = runner.invoke(tc.cli, args)
             assert result.exit_code == 1 and f"{run / tc.STATE_FILE} {problem}" in result.output, result.output
-    (run / tc.STATE_FILE).write_text(json.dumps({"checkpoint": None}))
+    config = dataclasses.asdict(tc.TrainConfig(out=str(run)))
+    state = {"checkpoint": None, "config": config, "mlflow_run_id": "0123abc", "num_timesteps": 0}
+    for broken, problem in (({"checkpoint": None}, "has no 'config', no 'mlflow_run_id', no 'num_timesteps'"),
+                            ({**state, "checkpoint": 5}, "has 'checkpoint' is 5")):  # hand-edited, as a hint suggests
+        (run / tc.STATE_FILE).write_text(json.dumps(broken))
+        for args in (["train", "--resume", "--out", str(run)], ["export", str(run), str(tmp_path / "p.safetensors")]):
+            result = runner.invoke(tc.cli, args)
+            assert result.exit_code == 1 and f"{run / tc.STATE_FILE} {problem}" in result.output, result.output
+    (run / tc.STATE_FILE).write_text(json.dumps(state))
     result = runner.invoke(tc.cli, ["export", str(run), str(tmp_path / "p.safetensors")])
     assert result.exit_code == 1 and "has no checkpoint yet" in result.output
-    config = dataclasses.asdict(tc.TrainConfig(out=str(run)))
-    (run / tc.STATE_FILE).write_text(json.dumps({"checkpoint": "step_000000064.zip", "config": config}))
+    (run / tc.STATE_FILE).write_text(json.dumps({**state, "checkpoint": "step_000000064.zip"}))
     result = runner.invoke(tc.cli, ["train", "--resume", "--out", str(run)])  # its checkpoint deleted since
     assert result.exit_code == 1 and "step_000000064.zip, the run's last checkpoint, is missing" in result.output
     (run / tc.CHECKPOINT_DIR).mkdir()
@@ -702,6 +743,12 @@ def test_check_resumed_run_names_what_is_missing(tmp_path):
     MlflowClient(uri).search_experiments()  # a store that exists but never held the run
     with pytest.raises(click.ClickException, match=f"MLflow run 0123abc is not in {uri}"):
         tc.check_resumed_run(uri, "0123abc")
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    tc.check_resumed_run(uri, run_id)
+    client.delete_run(run_id)  # `mlflow runs delete`, or the UI's Delete
+    with pytest.raises(click.ClickException, match=f"run {run_id} in .* was deleted; restore it first"):
+        tc.check_resumed_run(uri, run_id)
     assert tc.resolve_tracking_uri("sqlite:///rel/m.db") == f"sqlite:///{Path.cwd() / 'rel' / 'm.db'}"
     assert tc.resolve_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
     assert tc.resolve_tracking_uri("http://h:1") == "http://h:1"
@@ -876,7 +923,9 @@ def test_resuming_a_finished_run_does_nothing_unless_given_more_timesteps(tmp_pa
 
     tc.train(dataclasses.replace(cfg, timesteps=192), resume=True, show_progress=False)  # more steps: it trains
     state = json.loads((out / tc.STATE_FILE).read_text())
-    assert state["num_timesteps"] == 192 and state["finished"]
+    assert state["num_timesteps"] == 192 and state["finished"] and state["config"]["timesteps"] == 192
+    result = CliRunner().invoke(tc.cli, ["train", "--out", str(out), "--resume", "--no-progress"])
+    assert result.exit_code == 0 and "finished at step 192" in result.output  # the new total, not the first
     status, _, best_logged, versions = logged()
     assert (status, best_logged, versions) == ("FINISHED", 2, 2)
 
