@@ -107,7 +107,8 @@ class TrainConfig:
     """Task families episodes are drawn from."""
     epochs: tuple[int, int] | None = None
     """Epoch budget range (inclusive) of the training episodes and the periodic validation's tasks; None: each
-    family's own (10–40, or 10–30 for the recurrent and attention families)."""
+    family's own (10–40; 10–30 for the recurrent and attention families and the local MLPs; 10–20 for moons_mlp
+    and the local CNNs)."""
     out: str = "runs/default"
     """Output directory: checkpoints, state, exported policies."""
     tracking_uri: str | None = None
@@ -954,7 +955,7 @@ def cli() -> None:
 @click.option("--n-envs", type=click.IntRange(min=1), default=_D.n_envs, help="Parallel env slots, shared between the MLP families (batched in-process) and the others (a subprocess per slot, each drawing from all of them).")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=_D.seed, help="Seed of PPO and of the task draws.")
 @click.option("--families", callback=_families, default=",".join(_D.families), help="Comma-separated train task families.")
-@click.option("--epochs", callback=_epochs, default=None, metavar="MIN,MAX", help="Epoch budget range of the training episodes and of the periodic validation's tasks (one number: that budget). Default: each family's own, 10-40 (10-30 for the recurrent and attention families).")
+@click.option("--epochs", callback=_epochs, default=None, metavar="MIN,MAX", help="Epoch budget range of the training episodes and of the periodic validation's tasks (one number: that budget). Default: each family's own (10-40; 10-30 for the recurrent and attention families and the local MLPs; 10-20 for moons_mlp and the local CNNs).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=_D.out, help="Output directory (checkpoints, state, exported policy).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI, e.g. http://127.0.0.1:5000. Default: sqlite:///./mlflow.db (no server).")
 @click.option("--experiment", default=_D.experiment, help="MLflow experiment name.")
@@ -1042,7 +1043,7 @@ def export_command(source: Path, out: Path) -> None:
               f"The test families ({','.join(TEST_FAMILIES)}) are for reporting only: never trained or selected on. "
               "The local families read image datasets from --data-root.")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, help="Tasks per family (each at x0.1, x1 and x10 of the default LR).")
-@click.option("--epochs", callback=_epochs, default=None, metavar="MIN,MAX", help="Draw each task's epoch budget from this range (one number: that budget), e.g. 100 for long runs. Default: each family's own, 10-40 (10-30 for the recurrent and attention families).")
+@click.option("--epochs", callback=_epochs, default=None, metavar="MIN,MAX", help="Draw each task's epoch budget from this range (one number: that budget), e.g. 100 for long runs. Default: each family's own (10-40; 10-30 for the recurrent and attention families and the local MLPs; 10-20 for moons_mlp and the local CNNs).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/evaluation"), help="Where the table, JSON and PNG go.")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI. Default: sqlite:///./mlflow.db.")
 @click.option("--experiment", default="lrcontrol-evaluation", help="MLflow experiment name.")

@@ -38,7 +38,8 @@ class EnvConfig:
     lr_multiplier: float | None = None
     """Initial LR = family default × this; None draws it log-uniformly over three decades."""
     epochs: tuple[int, int] | None = None
-    """Epoch budgets are drawn from this range (inclusive) instead of each family's (10–40 or 10–30)."""
+    """Epoch budgets are drawn from this range (inclusive, from 2) instead of each family's (10–40; 10–30 for the
+    recurrent and attention families and the local MLPs; 10–20 for moons_mlp and the local CNNs)."""
     budget_is_terminal: bool = False
     """Report the end of the epoch budget as ``terminated`` instead of ``truncated``. For RL training: the
     budget is part of the task (observed as ``progress``), so nothing should be bootstrapped past it."""
@@ -246,9 +247,9 @@ class LRControlEnv(gym.Env):
     ## Description
     Each episode draws a task — a family from ``EnvConfig.families`` (or ``options["family"]``),
     an architecture, batch size, optimizer (SGD with momentum, Adam, AdamW), an initial LR
-    log-uniform over three decades around the family's default, an epoch budget of 10–40 and a
-    seed — builds it, and trains the first epoch at the initial LR. Each step then sets the LR for
-    the next epoch and trains it. The environment sees only what a deployed
+    log-uniform over three decades around the family's default, an epoch budget (the family's own
+    range, or ``EnvConfig.epochs``) and a seed — builds it, and trains the first epoch at the initial
+    LR. Each step then sets the LR for the next epoch and trains it. The environment sees only what a deployed
     ``controller.PolicyScheduler`` sees, through the same code (``controller.features``).
 
     ## Action Space
