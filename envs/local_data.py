@@ -90,7 +90,12 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         ValueError: the file is not idx, or is shorter or longer than its header says.
     """
     path = Path(path)
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as err:  # not gzip, or cut short (an interrupted download)
+            raise ValueError(f"{path} is not a readable gzip file ({err})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an idx file (its first bytes are {raw[:4].hex() or 'missing'})")
     dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
@@ -147,8 +152,19 @@ def _mnist_like(name: str, root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
     for x, y, part in ((x_train, y_train, "train"), (x_test, y_test, "t10k")):
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise ValueError(f"{folder}: {part} images {x.shape} and labels {y.shape} do not match")
-    return (x_train.reshape(len(x_train), -1).astype(np.uint8), y_train.astype(np.int64),
-            x_test.reshape(len(x_test), -1).astype(np.uint8), y_test.astype(np.int64))
+        if x.dtype != np.uint8 or x.shape[1:] != (28, 28):
+            raise ValueError(f"{folder}: {part} images are {x.shape[1:]} {x.dtype.name}, not 28x28 uint8 (an "
+                             f"{MNIST_LIKE[name]} file holds bytes)")
+        _check_labels(y, f"{folder}: {part} labels")
+    return (x_train.reshape(len(x_train), -1), y_train.astype(np.int64),
+            x_test.reshape(len(x_test), -1), y_test.astype(np.int64))
+
+
+def _check_labels(y: np.ndarray, what: str) -> None:
+    """Ten classes: a label outside 0..9 is a file that is not what it should be (it would fail later, nameless)."""
+    if y.dtype.kind not in "iu" or (len(y) and (y.min() < 0 or y.max() > 9)):
+        shown = f"from {y.min()} to {y.max()}" if len(y) else "none"
+        raise ValueError(f"{what} must be integers 0-9, got {y.dtype.name} {shown}")
 
 
 def _first_existing(*paths: Path, dataset: str) -> Path:
@@ -180,6 +196,7 @@ def _cifar_bin_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if raw.size == 0 or raw.size % _CIFAR_RECORD:
         raise ValueError(f"{path} holds {raw.size} bytes, not a whole number of {_CIFAR_RECORD}-byte CIFAR-10 records")
     records = raw.reshape(-1, _CIFAR_RECORD)
+    _check_labels(records[:, 0], f"{path}: labels")
     return np.ascontiguousarray(records[:, 1:]), records[:, 0].astype(np.int64)
 
 
@@ -206,13 +223,18 @@ class _ArrayUnpickler(pickle.Unpickler):
 def _cifar_py_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         batch = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, LookupError) as err:
         raise ValueError(f"{path} is not a CIFAR-10 batch: {err}") from None
     if not isinstance(batch, dict):
         raise ValueError(f"{path} is not a CIFAR-10 batch: it holds a {type(batch).__name__}, not a dict")
     batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
     data, labels = batch.get("data"), batch.get("labels")
-    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or labels is None \
-            or len(labels) != len(data):
-        raise ValueError(f"{path} is not a CIFAR-10 batch: expected 'data' (n, 3072) and n 'labels'")
-    return data.astype(np.uint8), np.asarray(labels, dtype=np.int64)
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8 \
+            or not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data):
+        raise ValueError(f"{path} is not a CIFAR-10 batch: expected 'data' (n, 3072) uint8 and n 'labels'")
+    try:
+        y = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise ValueError(f"{path} is not a CIFAR-10 batch: its labels are not integers ({err})") from None
+    _check_labels(y, f"{path}: labels")
+    return data, y

@@ -52,6 +52,44 @@ def test_a_broken_idx_file_is_refused_by_name(tmp_path, content, message):
         local_data.read_idx(tmp_path / "x")
 
 
+def test_a_gzip_file_that_is_not_one_or_is_cut_short_is_a_value_error(tmp_path):
+    """An interrupted download: a gzip error (OSError, EOFError) would escape the CLI's up-front data check."""
+    whole = gzip.compress(bytes([0, 0, 0x08, 1]) + np.array([5], dtype=">u4").tobytes() + bytes(5))
+    for name, content in (("plain.gz", b"hello, not gzip"), ("cut.gz", whole[: len(whole) // 2])):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"{name} is not a readable gzip file"):
+            local_data.read_idx(tmp_path / name)
+
+
+def _idx(array: np.ndarray, code: int = 0x08) -> bytes:
+    big = array.astype({0x08: ">u1", 0x0C: ">i4", 0x0D: ">f4"}[code])
+    return bytes([0, 0, code, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes() + big.tobytes()
+
+
+@pytest.mark.parametrize("part, array, code, message", [
+    ("train-images-idx3-ubyte", np.full((4, 28, 28), 0.5), 0x0D,
+     r"train images are \(28, 28\) float32, not 28x28 uint8"),
+    ("t10k-images-idx3-ubyte", np.zeros((4, 5, 5)), 0x08, r"t10k images are \(5, 5\) uint8, not 28x28"),
+    ("train-labels-idx1-ubyte", np.array([0, 1, 2, 999]), 0x0C,
+     "train labels must be integers 0-9, got int32 from 0 to 999"),
+], ids=["float-pixels", "small-images", "label-999"])
+def test_an_mnist_file_with_other_pixels_sizes_or_labels_is_refused_by_name(tmp_path, part, array, code, message):
+    """A valid idx file that is not MNIST's: float pixels became all zeros (cast to uint8), and labels past 9 or
+    images of another size failed later with a bare torch error."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for stem in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        good = np.zeros((4, 28, 28)) if "images" in stem else np.arange(4)
+        (raw / stem).write_bytes(_idx(array, code) if stem == part else _idx(good))
+    with pytest.raises(ValueError, match=message):
+        local_data.load("mnist", tmp_path)
+    (raw / part).unlink()
+    (raw / f"{part}.gz").write_bytes(gzip.compress(_idx(array, code)))  # the same from a .gz
+    with pytest.raises(ValueError, match=message):
+        local_data.load("mnist", tmp_path)
+
+
 def test_every_dataset_loads_from_the_torchvision_layout(local_data_root):
     for name in local_data.DATASETS:
         x, y, x_test, y_test = local_data.load(name, local_data_root)
@@ -104,6 +142,26 @@ def test_a_crafted_cifar_pickle_is_refused_without_running_it(tmp_path):
     (folder / "data_batch_1").write_bytes(pickle.dumps({"data": np.zeros((2, 5), np.uint8), "labels": [0, 1]}))
     with pytest.raises(ValueError, match=r"expected 'data' \(n, 3072\)"):
         local_data.load("cifar10", tmp_path)
+    for batch, message in (
+        ({"data": np.full((2, 3072), 0.5), "labels": [0, 1]}, r"expected 'data' \(n, 3072\) uint8"),  # all zeros cast
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": 2}, r"expected 'data' \(n, 3072\) uint8 and n 'labels'"),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]},
+         "labels must be integers 0-9, got int64 from 0 to 10"),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": ["a", "b"]}, "its labels are not integers"),
+    ):
+        (folder / "data_batch_1").write_bytes(pickle.dumps(batch))
+        with pytest.raises(ValueError, match=message):
+            local_data.load("cifar10", tmp_path)
+    unknown_codec = b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x07\x00\x00\x00nocodec\x86R."  # encode("a", "nocodec")
+    (folder / "data_batch_1").write_bytes(unknown_codec)
+    with pytest.raises(ValueError, match="not a CIFAR-10 batch: unknown encoding: nocodec"):  # a LookupError inside
+        local_data.load("cifar10", tmp_path)
+    binary = tmp_path / "bin" / "cifar-10-batches-bin"
+    binary.mkdir(parents=True)
+    for stem in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        (binary / f"{stem}.bin").write_bytes(bytes([12]) + bytes(3072))  # label 12
+    with pytest.raises(ValueError, match="data_batch_1.bin: labels must be integers 0-9, got uint8 from 12 to 12"):
+        local_data.load("cifar10", tmp_path / "bin")
 
 
 def test_local_families_split_train_val_test(local_data_root):
