@@ -79,12 +79,15 @@ def _standardize(parts: list[tuple[np.ndarray, np.ndarray]], regression: bool) -
     axes = tuple(range(x_tr.ndim - 1)) if x_tr.dtype.kind == "f" else None
     out: list[Tensor] = []
     if axes is not None:
-        mean, std = x_tr.mean(axis=0), x_tr.std(axis=0) + 1e-6
+        mean, std = x_tr.mean(axis=0), x_tr.std(axis=0)
+        # a feature constant in training (an image border no training image inks) carries nothing the model could
+        # learn: 0 in every split, not blown up by 1e6 where a validation or test sample differs
+        varies = std > 0
     if regression:
         y_mean, y_std = parts[0][1].mean(), parts[0][1].std() + 1e-6
     for x, y in parts:
         if axes is not None:
-            x = (x - mean) / std
+            x = np.where(varies, (x - mean) / (std + 1e-6), 0.0)
         xt = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32 if axes is not None else torch.long)
         yt = (torch.as_tensor((y - y_mean) / y_std, dtype=torch.float32).reshape(-1, 1)
               if regression else torch.as_tensor(y, dtype=torch.long))

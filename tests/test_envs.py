@@ -370,3 +370,17 @@ def test_an_epoch_range_sets_every_budget_and_changes_no_other_draw():
         _, _, dones, infos = venv.step(np.zeros((2, 1), dtype=np.float32))
     assert dones.all() and [i["epoch"] for i in infos] == [5, 5]
     venv.close()
+
+
+def test_a_feature_constant_in_training_is_zero_in_every_split():
+    """An input no training sample varies (an image border no training image inks) is 0 everywhere; it used to be
+    divided by 1e-6 where a validation or test sample differed (255 became 2.55e8)."""
+    from envs.tasks import _standardize
+
+    x_train = np.array([[1.0, 0.0], [3.0, 0.0]])
+    x_other = np.array([[3.0, 255.0]])
+    labels = np.array([0, 1])
+    splits = _standardize([(x_train, labels), (x_other, labels[:1]), (x_other, labels[:1])], regression=False)
+    assert splits.x_train.flatten().tolist() == pytest.approx([-1.0, 0.0, 1.0, 0.0], rel=1e-5)
+    assert splits.x_val.flatten().tolist() == splits.x_test.flatten().tolist() == pytest.approx([1.0, 0.0], rel=1e-5)
+
