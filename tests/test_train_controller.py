@@ -644,8 +644,13 @@ def _sb3_zip(path: Path, data: object = None, weights: object = None, edit=None)
         (lambda p: _sb3_zip(p, edit=lambda w: w.update({"action_net.bias": torch.zeros(2)})), "size mismatch"),
         (lambda p: _sb3_zip(p, edit=lambda w: w["action_net.weight"].fill_(math.nan)), "not all finite"),
         (lambda p: _sb3_zip(p, data={"use_sde": True, "policy_kwargs": {}}), "gSDE or squashed outputs"),
+        (lambda p: _sb3_zip(p, edit=lambda w: w.update({"mlp_extractor.policy_net.0.weight": torch.zeros(16)})),
+         "mlp_extractor.policy_net.0.weight has shape (16,), not a matrix"),  # an IndexError escaped
+        (lambda p: _sb3_zip(p, edit=lambda w: w.update({"action_net.weight": torch.tensor(1.0)})),
+         "action_net.weight has shape (), not a matrix"),
     ],
-    ids=["data-list", "kwargs-str", "weights-tensor", "weights-int", "missing-bias", "bad-shape", "nan", "sde"],
+    ids=["data-list", "kwargs-str", "weights-tensor", "weights-int", "missing-bias", "bad-shape", "nan", "sde",
+         "1-d-hidden", "0-d-action"],
 )
 def test_export_refuses_malformed_sb3_zips_by_name(tmp_path, make, message):
     _sb3_zip(tmp_path / "good.zip")  # the same construction, unedited, exports
