@@ -17,6 +17,7 @@ pickle, an SB3 ``.zip``, a truncated file or one written for other features is r
 from __future__ import annotations
 
 import json
+import re
 import struct
 from importlib import resources
 from pathlib import Path
@@ -112,7 +113,8 @@ def _parse(path: Path) -> tuple[dict[str, Any], bytes]:
         raise _refuse(path, f"only {len(data)} bytes; truncated or empty")
     (header_len,) = struct.unpack("<Q", data[:8])
     if header_len > _MAX_HEADER or 8 + header_len > len(data):
-        if looks_pickled or data[:2] in (b"(d", b"(l", b"}q", b"]q"):
+        # protocols 2-5 start with PROTO; 0 and 1 with a container or a GLOBAL (b"cos\nsystem\n": module, name)
+        if looks_pickled or data[:2] in (b"(d", b"(l", b"}q", b"]q") or re.match(rb"c[\w.]+\n\w+\n", data[:200]):
             raise _refuse(path, "it looks like a Python pickle; pickles are never loaded (they can run code)")
         raise _refuse(path, "the safetensors header is larger than the file: truncated or not a safetensors file")
     try:
@@ -138,7 +140,7 @@ def _parse(path: Path) -> tuple[dict[str, Any], bytes]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _refuse(path, f"metadata format is {meta.get('format') if isinstance(meta, dict) else meta!r}, expected {FORMAT!r}")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise _refuse(path, f"invalid format_version {version!r}")
     if version > FORMAT_VERSION:
         raise _refuse(
@@ -198,8 +200,9 @@ def load_policy(path: str | Path | None = None) -> PolicyNet:
     found = {k: tuple(t.shape) for k, t in tensors.items()}
     if found != expected:
         wrong = sorted(k for k in found.keys() | expected.keys() if found.get(k) != expected.get(k))
-        raise _refuse(path, f"weights do not match the declared net shape ({', '.join(wrong)}: "
-                            f"{[found.get(k) for k in wrong]} in the file, {[expected.get(k) for k in wrong]} declared)")
+        in_file, declared_shapes = [found.get(k) for k in wrong], [expected.get(k) for k in wrong]
+        raise _refuse(path, f"weights do not match the declared net shape ({', '.join(wrong)}: {in_file} in the "
+                            f"file, {declared_shapes} declared)")
     net = build()
     net.load_state_dict(tensors, strict=True)
     if not all(torch.isfinite(t).all() for t in net.state_dict().values()):

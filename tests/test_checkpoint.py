@@ -110,9 +110,10 @@ class _Payload:
 def test_crafted_pickle_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.safetensors"
-    evil.write_bytes(pickle.dumps(_Payload(marker)))
-    with pytest.raises(ValueError, match="looks like a Python pickle"):
-        load_policy(evil)
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):  # 0 and 1 have no PROTO opcode to tell them by
+        evil.write_bytes(pickle.dumps(_Payload(marker), protocol=protocol))
+        with pytest.raises(ValueError, match="looks like a Python pickle"):
+            load_policy(evil)
     # torch.save writes a zip with a pickle inside: refused as a zip, never unpickled
     torch_file = tmp_path / "evil.pt"
     torch.save({"x": _Payload(marker)}, torch_file)
@@ -183,7 +184,8 @@ def test_a_file_missing_a_tensor_is_refused(tmp_path):
     tensors = load(good.read_bytes())
     tensors.pop("obs_std")
     (tmp_path / "m.safetensors").write_bytes(save(tensors, metadata=read_metadata_raw(good)))
-    with pytest.raises(ValueError, match=r"weights do not match the declared net shape \(obs_std: \[None\] in the file, \[\(19,\)\] declared\)"):
+    with pytest.raises(ValueError, match=r"weights do not match the declared net shape \(obs_std: \[None\] in the "
+                                         r"file, \[\(19,\)\] declared\)"):
         load_policy(tmp_path / "m.safetensors")
 
 
@@ -245,6 +247,7 @@ def _declare(net: dict | None = None, **changes):
         (_set_metadata("{not json"), "metadata is not valid JSON"),
         (_set_metadata(json.dumps({"format": "something-else", "format_version": 1})), "metadata format is"),
         (_set_metadata(json.dumps({"format": "lrcontrol-policy", "format_version": "1"})), "invalid format_version"),
+        (_set_metadata(json.dumps({"format": "lrcontrol-policy", "format_version": True})), "invalid format_version"),
         (_declare(net={"hidden": [16, 16]}), "weights do not match the declared net shape"),
         (_declare(net={"hidden": [10**6, 10**6]}), "weights do not match the declared net shape"),  # never built
         (_declare(net={"hidden": [10**12, 10**12]}), "invalid metadata .*overflowed"),
@@ -257,9 +260,9 @@ def _declare(net: dict | None = None, **changes):
         (lambda header: {**header, "__metadata__": [1]}, "'__metadata__' is not a JSON object"),
         (lambda header: {**header, "__metadata__": {METADATA_KEY: 5}}, "metadata is not a JSON string"),
     ],
-    ids=["header-json", "header-list", "metadata-json", "format", "format-version", "shape", "huge-shape", "overflowing-shape",
-         "five-inputs", "negative-width",
-         "negative-clip", "string-features", "action-map-list", "feature-names-int", "metadata-list", "metadata-int"],
+    ids=["header-json", "header-list", "metadata-json", "format", "format-version", "format-version-bool", "shape",
+         "huge-shape", "overflowing-shape", "five-inputs", "negative-width", "negative-clip", "string-features",
+         "action-map-list", "feature-names-int", "metadata-list", "metadata-int"],
 )
 def test_corrupt_header_or_metadata_is_refused(tmp_path, edit, message):
     good = save_policy(tmp_path / "good.safetensors", make_net())
