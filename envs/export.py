@@ -81,6 +81,14 @@ def policy_from_sb3(policy: nn.Module) -> PolicyNet:
     return policy_from_state_dict(policy.state_dict(), _ACTIVATION_NAMES[act])
 
 
+_MAX_ENTRY = {"data": 2**24, "policy.pth": 2**28}
+"""Uncompressed sizes, in bytes, past which an SB3 zip's entries are not read (a policy of 64-64 layers takes ~40 KB)."""
+
+
+class _Refused(ValueError):
+    """A refusal that already says what is wrong (not wrapped as a read error)."""
+
+
 def read_sb3_zip(path: str | Path) -> PolicyNet:
     """Read the actor of an SB3 PPO ``.zip`` without unpickling anything.
 
@@ -94,11 +102,17 @@ def read_sb3_zip(path: str | Path) -> PolicyNet:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
             if not {"policy.pth", "data"} <= names:
-                raise ValueError(f"{path} is a zip but not a Stable-Baselines3 model (no policy.pth/data entries)")
+                raise _Refused(f"{path} is a zip but not a Stable-Baselines3 model (no policy.pth/data entries)")
+            for name, limit in _MAX_ENTRY.items():  # read() stops at the declared size: a zip bomb must declare it
+                if archive.getinfo(name).file_size > limit:
+                    raise _Refused(f"{path}: its {name} entry unpacks to {archive.getinfo(name).file_size:,} bytes, "
+                                   f"more than an SB3 policy's ({limit:,} at most); not read")
             data = json.loads(archive.read("data"))
             with warnings.catch_warnings():  # torch's note on a plain pickle's protocol: the error below says more
                 warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
                 state = torch.load(io.BytesIO(archive.read("policy.pth")), map_location="cpu", weights_only=True)
+    except _Refused:
+        raise
     except zipfile.BadZipFile:
         raise ValueError(f"{path} is not a zip archive (expected an SB3 .zip or a training run directory)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 import warnings
+import zipfile
 from pathlib import Path
 
 import click
@@ -632,6 +633,14 @@ def _sb3_zip(path: Path, data: object = None, weights: object = None, edit=None)
     return path
 
 
+def _bomb(path: Path) -> Path:
+    """``path`` (an SB3-shaped zip) with a 'data' entry that unpacks to 16 MiB + 1 byte from a few KB."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("data", b" " * (2**24 + 1))
+        z.writestr("policy.pth", b"")
+    return path
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
@@ -648,9 +657,10 @@ def _sb3_zip(path: Path, data: object = None, weights: object = None, edit=None)
          "mlp_extractor.policy_net.0.weight has shape (16,), not a matrix"),  # an IndexError escaped
         (lambda p: _sb3_zip(p, edit=lambda w: w.update({"action_net.weight": torch.tensor(1.0)})),
          "action_net.weight has shape (), not a matrix"),
+        (lambda p: _bomb(_sb3_zip(p)), "its data entry unpacks to 16,777,217 bytes, more than an SB3 policy's"),
     ],
     ids=["data-list", "kwargs-str", "weights-tensor", "weights-int", "missing-bias", "bad-shape", "nan", "sde",
-         "1-d-hidden", "0-d-action"],
+         "1-d-hidden", "0-d-action", "zip-bomb"],
 )
 def test_export_refuses_malformed_sb3_zips_by_name(tmp_path, make, message):
     _sb3_zip(tmp_path / "good.zip")  # the same construction, unedited, exports
