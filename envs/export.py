@@ -51,9 +51,11 @@ def _policy_net(state: dict[str, torch.Tensor], activation: str) -> PolicyNet:
     )
     if "action_net.weight" not in state:
         raise ValueError("not an SB3 actor-critic policy: no 'action_net.weight' in its weights")
-    for key in [*(f"mlp_extractor.policy_net.{i}.weight" for i in layers), "action_net.weight"]:
-        if state[key].dim() != 2:
-            raise ValueError(f"not an SB3 actor-critic policy: {key} has shape {tuple(state[key].shape)}, not a matrix")
+    for name in [*(f"mlp_extractor.policy_net.{i}" for i in layers), "action_net"]:
+        for key, dims, kind in ((f"{name}.weight", 2, "a matrix"), (f"{name}.bias", 1, "a vector")):
+            if key in state and state[key].dim() != dims:  # a missing bias is named below (KeyError)
+                shape = tuple(state[key].shape)
+                raise ValueError(f"not an SB3 actor-critic policy: {key} has shape {shape}, not {kind}")
     hidden = [int(state[f"mlp_extractor.policy_net.{i}.weight"].shape[0]) for i in layers]
     n_in = int(state[f"mlp_extractor.policy_net.{layers[0]}.weight"].shape[1]) if layers else int(
         state["action_net.weight"].shape[1])

@@ -28,6 +28,7 @@ import gzip
 import io
 import os
 import pickle
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     if path.suffix == ".gz":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:  # not gzip, or cut short (an interrupted download)
+        except (OSError, EOFError, zlib.error) as err:  # not gzip, cut short (an interrupted download), corrupt
             raise ValueError(f"{path} is not a readable gzip file ({err})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an idx file (its first bytes are {raw[:4].hex() or 'missing'})")
@@ -223,8 +224,9 @@ class _ArrayUnpickler(pickle.Unpickler):
 def _cifar_py_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         batch = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, LookupError) as err:
-        raise ValueError(f"{path} is not a CIFAR-10 batch: {err}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, LookupError,
+            OverflowError, MemoryError) as err:  # the last two: a length or an array shape past any memory
+        raise ValueError(f"{path} is not a CIFAR-10 batch: {str(err) or type(err).__name__}") from None
     if not isinstance(batch, dict):
         raise ValueError(f"{path} is not a CIFAR-10 batch: it holds a {type(batch).__name__}, not a dict")
     batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
@@ -232,9 +234,12 @@ def _cifar_py_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8 \
             or not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data):
         raise ValueError(f"{path} is not a CIFAR-10 batch: expected 'data' (n, 3072) uint8 and n 'labels'")
-    try:
-        y = np.asarray(labels, dtype=np.int64)
+    try:  # no dtype= here: it would turn "7", b"7", 7.9 and True into 7, 7, 7 and 1
+        y = np.asarray(labels)
     except (TypeError, ValueError, OverflowError) as err:
         raise ValueError(f"{path} is not a CIFAR-10 batch: its labels are not integers ({err})") from None
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise ValueError(f"{path} is not a CIFAR-10 batch: its labels are not integers (a {y.ndim}-D {y.dtype.name} "
+                         "array)")
     _check_labels(y, f"{path}: labels")
-    return data, y
+    return data, y.astype(np.int64)

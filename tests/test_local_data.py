@@ -61,6 +61,14 @@ def test_a_gzip_file_that_is_not_one_or_is_cut_short_is_a_value_error(tmp_path):
             local_data.read_idx(tmp_path / name)
 
 
+def test_a_gzip_file_with_a_corrupt_body_is_a_value_error(tmp_path):
+    """A gzip header over a broken deflate stream: a zlib.error (neither OSError nor EOFError) escaped."""
+    whole = gzip.compress(bytes([0, 0, 0x08, 1]) + np.array([5], dtype=">u4").tobytes() + bytes(5))
+    (tmp_path / "corrupt.gz").write_bytes(whole[:10] + bytes([0x07]) + whole[11:])  # a final block of reserved type
+    with pytest.raises(ValueError, match="corrupt.gz is not a readable gzip file .*invalid block type"):
+        local_data.read_idx(tmp_path / "corrupt.gz")
+
+
 def _idx(array: np.ndarray, code: int = 0x08) -> bytes:
     big = array.astype({0x08: ">u1", 0x0C: ">i4", 0x0D: ">f4"}[code])
     return bytes([0, 0, code, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes() + big.tobytes()
@@ -162,6 +170,29 @@ def test_a_crafted_cifar_pickle_is_refused_without_running_it(tmp_path):
         (binary / f"{stem}.bin").write_bytes(bytes([12]) + bytes(3072))  # label 12
     with pytest.raises(ValueError, match="data_batch_1.bin: labels must be integers 0-9, got uint8 from 12 to 12"):
         local_data.load("cifar10", tmp_path / "bin")
+
+
+@pytest.mark.parametrize("labels, shown", [
+    (["1", "2"], "a 1-D str32 array"), ([1.9, 2.0], "a 1-D float64 array"), ([True, False], "a 1-D bool array"),
+    ([[1], [2]], "a 2-D int64 array"), (np.array([1.0, 2.0]), "a 1-D float64 array"),
+], ids=["strings", "floats", "bools", "nested", "float-array"])
+def test_cifar_labels_that_are_not_integers_are_refused_by_name(tmp_path, labels, shown):
+    """int64 conversion turned "1", 1.9 and True into 1, and kept [[1], [2]] 2-D: all were read as labels."""
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}))
+    with pytest.raises(ValueError, match=rf"data_batch_1 is not a CIFAR-10 batch: its labels are not integers "
+                                         rf"\({shown}"):
+        local_data._cifar_py_batch(tmp_path / "data_batch_1")
+
+
+@pytest.mark.parametrize("content", [
+    b"\x80\x05\x96" + (2**64 - 1).to_bytes(8, "little") + b".",  # a bytearray longer than any (OverflowError)
+    b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n\x8a\x08" + (2**62).to_bytes(8, "little")
+    + b"\x85C\x01b\x87R.",  # an array of 4 EiB (MemoryError)
+], ids=["overflow", "memory"])
+def test_a_cifar_pickle_sized_past_memory_is_a_value_error(tmp_path, content):
+    (tmp_path / "data_batch_1").write_bytes(content)
+    with pytest.raises(ValueError, match="data_batch_1 is not a CIFAR-10 batch: "):
+        local_data._cifar_py_batch(tmp_path / "data_batch_1")
 
 
 def test_local_families_split_train_val_test(local_data_root):

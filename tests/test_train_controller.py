@@ -657,10 +657,14 @@ def _bomb(path: Path) -> Path:
          "mlp_extractor.policy_net.0.weight has shape (16,), not a matrix"),  # an IndexError escaped
         (lambda p: _sb3_zip(p, edit=lambda w: w.update({"action_net.weight": torch.tensor(1.0)})),
          "action_net.weight has shape (), not a matrix"),
+        (lambda p: _sb3_zip(p, edit=lambda w: w.update({"mlp_extractor.policy_net.0.bias": torch.zeros(16, 1)})),
+         "mlp_extractor.policy_net.0.bias has shape (16, 1), not a vector"),  # was named 'mlp.0.bias', not SB3's
+        (lambda p: _sb3_zip(p, edit=lambda w: w.update({"action_net.bias": torch.tensor(0.0)})),
+         "action_net.bias has shape (), not a vector"),
         (lambda p: _bomb(_sb3_zip(p)), "its data entry unpacks to 16,777,217 bytes, more than an SB3 policy's"),
     ],
     ids=["data-list", "kwargs-str", "weights-tensor", "weights-int", "missing-bias", "bad-shape", "nan", "sde",
-         "1-d-hidden", "0-d-action", "zip-bomb"],
+         "1-d-hidden", "0-d-action", "2-d-hidden-bias", "0-d-action-bias", "zip-bomb"],
 )
 def test_export_refuses_malformed_sb3_zips_by_name(tmp_path, make, message):
     _sb3_zip(tmp_path / "good.zip")  # the same construction, unedited, exports
