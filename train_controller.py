@@ -612,8 +612,8 @@ def _check_out_dir(out: Path, resume: bool) -> dict[str, Any] | None:
     if (out / STATE_FILE).exists():
         raise click.ClickException(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     if any((out / CHECKPOINT_DIR).glob("step_*.zip")):  # a new run would prune them as its own
-        raise click.ClickException(f"{out / CHECKPOINT_DIR} holds checkpoints of an earlier run (with no {STATE_FILE}); "
-                                   "move them away, or choose another --out")
+        raise click.ClickException(f"{out / CHECKPOINT_DIR} holds checkpoints of an earlier run (with no "
+                                   f"{STATE_FILE}); move them away, or choose another --out")
     return None
 
 

@@ -84,7 +84,7 @@ def policy_from_sb3(policy: nn.Module) -> PolicyNet:
 
 
 _MAX_ENTRY = {"data": 2**24, "policy.pth": 2**28}
-"""Uncompressed sizes, in bytes, past which an SB3 zip's entries are not read (a policy of 64-64 layers takes ~40 KB)."""
+"""Uncompressed sizes, in bytes, past which an SB3 zip's entries are not read (a 64-64 policy takes ~40 KB)."""
 
 
 class _Refused(ValueError):

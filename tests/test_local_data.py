@@ -160,7 +160,7 @@ def test_a_crafted_cifar_pickle_is_refused_without_running_it(tmp_path):
         (folder / "data_batch_1").write_bytes(pickle.dumps(batch))
         with pytest.raises(ValueError, match=message):
             local_data.load("cifar10", tmp_path)
-    unknown_codec = b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x07\x00\x00\x00nocodec\x86R."  # encode("a", "nocodec")
+    unknown_codec = b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x07\x00\x00\x00nocodec\x86R."  # ("a", "nocodec")
     (folder / "data_batch_1").write_bytes(unknown_codec)
     with pytest.raises(ValueError, match="not a CIFAR-10 batch: unknown encoding: nocodec"):  # a LookupError inside
         local_data.load("cifar10", tmp_path)
