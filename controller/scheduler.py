@@ -139,6 +139,8 @@ def _check_plain_state(state: dict[str, Any]) -> None:
         "_pending_train_sum": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),  # NaN allowed
         "_pending_train_weight": lambda v: number(v) and v >= 0,
         "_raw_lrs": lambda v: rates(v) and (not v or v[0] > 0),  # other groups may be frozen at 0
+        "_later_bounds": lambda v: (isinstance(v, list) and len(v) == 2 and number(v[0]) and v[0] >= 0
+                                    and isinstance(v[1], (int, float)) and v[1] > 0 and v[1] >= v[0]),  # inf: none
     }
     bad = [f"{key}={state[key]!r}" for key, ok in checks.items() if key in state and not ok(state[key])]
     if bad:
@@ -553,6 +555,7 @@ class PolicyScheduler(LRScheduler):
             "_pending_train_sum": self._pending_train_sum,
             "_pending_train_weight": self._pending_train_weight,
             "_raw_lrs": list(self._raw_lrs),
+            "_later_bounds": list(self._later_bounds),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -583,10 +586,12 @@ class PolicyScheduler(LRScheduler):
         parts, plain = {"features", "hook", "history"}, {
             "last_epoch", "_step_count", "total_epochs", "initial_lr", "base_lrs", "_last_lr",
             "min_lrs", "max_lrs", "_warned_nonfinite", "_pending_train_sum", "_pending_train_weight", "_raw_lrs",
+            "_later_bounds",
         }
         if unknown := sorted(set(state) - parts - plain):
             raise ValueError(f"unknown PolicyScheduler state keys {unknown}")
-        optional = {"_pending_train_sum", "_pending_train_weight", "_raw_lrs"}  # absent from states of earlier versions
+        # absent from states of earlier versions
+        optional = {"_pending_train_sum", "_pending_train_weight", "_raw_lrs", "_later_bounds"}
         if missing := sorted((parts | plain) - optional - set(state)):
             raise ValueError(f"PolicyScheduler state is missing {missing}")
         if not isinstance(state["history"], list) or not all(isinstance(h, dict) for h in state["history"]):
@@ -613,7 +618,8 @@ class PolicyScheduler(LRScheduler):
         self.features.load_state_dict(state.pop("features"))
         self._hook.load_state_dict(state.pop("hook"))
         self.history = [dict(h) for h in state.pop("history")]
-        # absent from states saved by earlier versions: nothing pending; unbounded LRs start from the groups' LRs
+        # absent from states saved by earlier versions: nothing pending; unbounded LRs start from the groups' LRs;
+        # groups added later take the constructor's bounds
         self._pending_train_sum, self._pending_train_weight, self._raw_lrs = 0.0, 0.0, []
         for key, value in state.items():  # lists copied: decisions change them in place, not the caller's dict
             setattr(self, key, list(value) if isinstance(value, list) else value)

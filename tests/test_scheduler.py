@@ -600,6 +600,18 @@ def test_one_state_dict_resumes_twice_the_same_and_a_frozen_group_resumes(tiny_m
         assert lrs == pytest.approx([0.01, 0.001, 0.005, 0.0005])
         assert state == saved
 
+    # the bounds for groups added later are the saved run's too, like every other saved setting
+    sched = PolicyScheduler(_two_groups(model), total_epochs=30, policy=policy, min_lr=1e-4, max_lr=0.5)
+    resumed_opt = _two_groups(model)
+    resumed = PolicyScheduler(resumed_opt, total_epochs=30, policy=policy, min_lr=1e-3)
+    resumed.load_state_dict(sched.state_dict())
+    assert resumed.state_dict() == sched.state_dict()
+    resumed_opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-4})
+    resumed.step(0.9, train_loss=1.0)  # halves every LR: the new group's stops at the saved min_lr, not at 1e-3
+    assert resumed.get_last_lr() == pytest.approx([0.005, 0.0005, 1e-4])
+    with pytest.raises(ValueError, match=r"malformed PolicyScheduler state: _later_bounds=\[0.1, 0.01\]"):
+        resumed.load_state_dict({**sched.state_dict(), "_later_bounds": [0.1, 0.01]})
+
     def frozen():  # group 1 frozen at LR 0, as for a backbone
         params = list(model.parameters())
         opt = torch.optim.SGD([{"params": params[:2], "lr": 0.01}, {"params": params[2:], "lr": 0.0}])
