@@ -455,6 +455,19 @@ def test_hf_resume_from_checkpoint_continues_the_exact_lr_sequence(tmp_path, pol
     assert resumed_scheduler.total_epochs == 4
 
 
+def test_hf_plans_epoch_evaluations_without_counting_them_one_by_one():
+    """An unsized (streaming) train set under max_steps makes the Trainer's num_train_epochs sys.maxsize: the
+    plan used to count the epochs one by one and never returned, hanging the run before its first step."""
+    import sys
+    from types import SimpleNamespace
+
+    from controller.integrations.hf import planned_decisions
+
+    for epochs, delay, want in ((4, 0, 4), (4, 2, 3), (4, 2.5, 2), (4, 9, 1), (sys.maxsize, 0, sys.maxsize)):
+        args = SimpleNamespace(eval_strategy="epoch", eval_delay=delay)
+        assert planned_decisions(args, SimpleNamespace(num_train_epochs=epochs)) == want
+
+
 @pytest.mark.parametrize(
     "overrides, evaluated_at",
     [({"eval_delay": 2}, [8, 12, 16]),  # epochs 2, 3 and 4

@@ -23,6 +23,8 @@ Requires ``pip install 'lrcontrol[hf]'`` (transformers and accelerate).
 
 from __future__ import annotations
 
+import math
+
 import warnings
 from typing import Any
 
@@ -63,8 +65,10 @@ def planned_decisions(args: TrainingArguments, state: TrainerState) -> int:
             steps.add(last)  # DefaultFlowCallback evaluates at the end when the last step is off the grid
         return max(len(steps), 1)
     if strategy == IntervalStrategy.EPOCH:
+        # the epochs 1..N at or past the delay, counted without a loop: an unsized train set under max_steps
+        # makes N sys.maxsize, and counting one by one never ended
         epochs = int(state.num_train_epochs)
-        return max(sum(1 for e in range(1, epochs + 1) if e >= delay), 1)
+        return max(epochs - max(math.ceil(delay), 1) + 1, 1)
     raise ValueError(
         "PolicyScheduler decides at each evaluation, but TrainingArguments(eval_strategy='no') never evaluates: "
         "set eval_strategy='epoch' or 'steps' (and give the Trainer an eval_dataset)"
