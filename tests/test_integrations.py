@@ -8,6 +8,7 @@ net (seeded) whose every decision moves the LR, which the bundled policy need no
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -406,10 +407,10 @@ def test_hf_steps_strategy_decides_at_each_evaluation_with_the_mean_logged_loss(
     # 12 steps, evaluations at 5, 10 and the last step (12); eval_on_start does not decide
     assert scheduler.total_epochs == 3 and len(scheduler.history) == 3
     _assert_changes_exactly_at(lrs, [5, 10], scheduler.history)
-    # logs at steps 1, 2, 4, 6, ..., 12: each decision reads the step-weighted mean of the losses
-    # logged since the previous one (steps 1-4, then 5-10, then 11-12)
+    # logs at steps 1, 2, 4, 6, ..., 12, and at the evaluation at step 5 (the callback's): each decision reads the
+    # step-weighted mean of the losses logged since the previous one (steps 1-5, then 6-10, then 11-12)
     logs = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
-    assert [step for step, _ in logs] == [1, 2, 4, 6, 8, 10, 12]
+    assert [step for step, _ in logs] == [1, 2, 4, 5, 6, 8, 10, 12]
     previous = 0
     windows: dict[int, list[tuple[float, int]]] = {5: [], 10: [], 12: []}
     for step, loss in logs:
@@ -418,7 +419,7 @@ def test_hf_steps_strategy_decides_at_each_evaluation_with_the_mean_logged_loss(
     for h, window in zip(scheduler.history, windows.values()):
         expected = sum(loss * w for loss, w in window) / sum(w for _, w in window)
         assert h["train_loss"] == pytest.approx(expected, rel=1e-12)
-    assert scheduler.history[0]["train_loss"] != pytest.approx(sum(loss for loss, _ in windows[5]) / 3)
+    assert scheduler.history[0]["train_loss"] != pytest.approx(sum(loss for loss, _ in windows[5]) / len(windows[5]))
     trainer.evaluate()  # outside training: no decision
     assert len(scheduler.history) == 3
 
@@ -565,10 +566,35 @@ def test_hf_callback_refuses_another_scheduler(tmp_path, policy_path):
         trainer.train()
 
 
-def test_hf_warns_when_no_training_loss_was_logged_before_a_decision(tmp_path, policy_path):
-    trainer, _, scheduler = _hf_trainer(tmp_path, policy_path, num_train_epochs=1, logging_strategy="steps",
-                                        logging_steps=500)
-    with pytest.warns(RuntimeWarning, match="logging_steps <= eval_steps"):
+@pytest.mark.parametrize(
+    "logging",
+    [{"logging_strategy": "steps", "logging_steps": 5}, {"logging_strategy": "steps", "logging_steps": 500},
+     {"logging_strategy": "no"}],
+    ids=["eval-steps-off-grid-at-the-end", "logging-sparser-than-evaluation", "no-logging"],
+)
+def test_hf_every_decision_reads_the_training_loss_since_the_previous_one(tmp_path, policy_path, logging):
+    """12 steps, evaluations at 5, 10 and the last step, 12, off the eval grid. The Trainer logged only on its logging
+    grid, so the last decision (or every one) decided without a training loss under a misleading warning."""
+    trainer, _, scheduler = _hf_trainer(tmp_path, policy_path, num_train_epochs=3, eval_strategy="steps",
+                                        eval_steps=5, **logging)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # in particular no "no training loss was logged"
+        trainer.train()
+    logs = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
+    assert [step for step, _ in logs] == [5, 10, 12]  # the eval steps; sparser logging adds none
+    assert [h["train_loss"] for h in scheduler.history] == [loss for _, loss in logs]
+
+
+def test_hf_warns_when_a_later_callback_cancels_the_log_before_a_decision(tmp_path, policy_path):
+    transformers = pytest.importorskip("transformers", reason=HF_MISSING)
+
+    class NeverLog(transformers.TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            control.should_log = False
+
+    trainer, _, scheduler = _hf_trainer(tmp_path, policy_path, num_train_epochs=1)
+    trainer.add_callback(NeverLog())  # after PolicySchedulerCallback
+    with pytest.warns(RuntimeWarning, match="cancelled that log"):
         trainer.train()
     assert len(scheduler.history) == 1 and scheduler.history[0]["train_loss"] is None
 

@@ -6,16 +6,21 @@ optimizer step, which leaves a :class:`PolicyScheduler`'s LR unchanged. The deci
 
 - ``on_train_begin``: when the scheduler was built with ``total_epochs=None``, sets it to the number
   of evaluations the Trainer's plan holds (:func:`planned_decisions`);
+- ``on_step_end`` / ``on_epoch_end``: when the Trainer is about to evaluate, has it log first;
 - ``on_log``: records each logged training loss (``logs["loss"]``, the mean over the steps since the
   previous log) on the scheduler, weighted by those steps;
 - ``on_evaluate``: ``scheduler.step(metrics["eval_loss"])`` — one decision per evaluation, using the
   mean training loss logged since the previous decision.
 
+The policy reads the training loss at every decision, so the callback has the Trainer log at every
+evaluation during training (``on_step_end`` / ``on_epoch_end``), whatever ``logging_strategy`` says:
+expect a ``loss`` entry in ``log_history`` at each evaluation step. Without it an evaluation off the
+logging grid (the Trainer's last one when ``max_steps`` is not a multiple of ``eval_steps``, or any
+evaluation under ``logging_steps`` > ``eval_steps``) would decide without the training loss.
+
 In ``_maybe_log_save_evaluate`` the Trainer logs, then evaluates, then saves, so a checkpoint taken at
 an evaluation holds the state after that evaluation's decision, and a run resumed from it continues
-the same LR sequence. Log the training loss at least as often as you evaluate (``logging_steps`` ≤
-``eval_steps``, or ``logging_strategy="epoch"`` with ``eval_strategy="epoch"``), or some decisions
-see no training loss; for an exact resume, save at evaluation steps (``save_steps`` a multiple of
+the same LR sequence. For an exact resume, save at evaluation steps (``save_steps`` a multiple of
 ``eval_steps``, as ``load_best_model_at_end`` requires anyway).
 
 Requires ``pip install 'lrcontrol[hf]'`` (transformers and accelerate).
@@ -180,14 +185,33 @@ class PolicySchedulerCallback(TrainerCallback):
         if self.scheduler.pending_train_loss is None and not self._warned_no_train_loss:
             warnings.warn(
                 f"no training loss was logged since the previous decision (step {state.global_step}): the policy "
-                "decides without it. Log at least as often as you evaluate: logging_steps <= eval_steps, or "
-                "logging_strategy='epoch' with eval_strategy='epoch' (warned once)",
+                "decides without it. PolicySchedulerCallback asks the Trainer to log at every evaluation; a callback "
+                "after it in the Trainer's list cancelled that log (control.should_log = False) (warned once)",
                 RuntimeWarning,
                 stacklevel=2,
             )
             self._warned_no_train_loss = True
         self.scheduler.step(metrics[self.metric], val_accuracy=accuracy)
         self._last_decision_step = state.global_step
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._log_before_evaluating(control)
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._log_before_evaluating(control)
+
+    def _log_before_evaluating(self, control: TrainerControl) -> None:
+        """Have the Trainer log the training loss before an evaluation it is about to run, so the decision reads it.
+
+        ``DefaultFlowCallback`` (first in the Trainer's list) has set ``should_evaluate`` by now; the Trainer
+        logs, then evaluates, in ``_maybe_log_save_evaluate``, and logs only when steps passed since its last log.
+        """
+        if self._training and control.should_evaluate:
+            control.should_log = True
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
