@@ -146,8 +146,10 @@ LIGHTNING_STEPS_PER_EPOCH = 4  # 64 samples, batches of 16
 
 
 def _lightning_run(tmp_path, policy_path, *, max_epochs, total_epochs=None, ckpt_path=None, callbacks=(),
-                   scheduler_config=None, with_callback=True, **trainer_kwargs):
-    """Fit a tiny regression MLP; returns (per-step LRs, scheduler, module)."""
+                   scheduler_config=None, with_callback=True, unsized=False, **trainer_kwargs):
+    """Fit a tiny regression MLP; returns (per-step LRs, scheduler, module).
+
+    ``unsized``: the train loader iterates an IterableDataset, so it has no length."""
     pl = pytest.importorskip("pytorch_lightning", reason=LIGHTNING_MISSING)
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -180,6 +182,12 @@ def _lightning_run(tmp_path, policy_path, *, max_epochs, total_epochs=None, ckpt
 
     x, y = _regression_data(96, seed=1)
     train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=16)  # fixed order: resumable exactly
+    if unsized:
+        class Stream(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                return zip(x[:64], y[:64])
+
+        train = DataLoader(Stream(), batch_size=16)
     val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=32)
     model = Regressor()
     trainer = pl.Trainer(
@@ -278,8 +286,10 @@ def test_lightning_refuses_configs_that_would_never_pass_the_val_loss(tmp_path, 
     [({"max_epochs": 2, "check_val_every_n_epoch": 2}, "validate every epoch"),
      ({"max_epochs": -1, "max_steps": -1}, "takes its budget from Trainer\\(max_epochs=...\\) or max_steps, which "
       "are -1 and -1"),
-     ({"max_epochs": 2, "limit_val_batches": 0}, "this run never validates")],
-    ids=["validation-every-2-epochs", "no-epoch-budget", "no-validation"],
+     ({"max_epochs": 2, "limit_val_batches": 0}, "this run never validates"),
+     ({"max_epochs": -1, "max_steps": 8, "unsized": True},
+      r"Trainer\(max_steps=8\) here, but the train dataloader has no length .* total_epochs=N")],
+    ids=["validation-every-2-epochs", "no-epoch-budget", "no-validation", "max-steps-over-an-unsized-loader"],
 )
 def test_lightning_refuses_trainers_it_cannot_decide_under(tmp_path, policy_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -293,6 +303,14 @@ def test_lightning_plans_the_epochs_max_steps_leaves(tmp_path, policy_path):
     assert [h["obs"][FEATURE_NAMES.index("progress")] for h in scheduler.history] == [0.5, 1.0]
     with pytest.warns(RuntimeWarning, match=r"total_epochs=10\) but the Trainer plans 2 epochs"):
         _lightning_run(tmp_path / "explicit", policy_path, max_epochs=10, max_steps=8, total_epochs=10)
+
+
+def test_lightning_does_not_plan_the_epoch_max_steps_cuts_short(tmp_path, policy_path):
+    """max_steps=10 stops in the third epoch, which Lightning does not validate: two decisions, and the last must
+    see progress 1, as at the end of the run."""
+    lrs, scheduler, _ = _lightning_run(tmp_path, policy_path, max_epochs=10, max_steps=10)
+    assert len(lrs) == 10 and len(scheduler.history) == 2 and scheduler.total_epochs == 2
+    assert [h["obs"][FEATURE_NAMES.index("progress")] for h in scheduler.history] == [0.5, 1.0]
 
 
 def test_lightning_with_gradient_accumulation_reads_each_batchs_own_loss(tmp_path, policy_path):

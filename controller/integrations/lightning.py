@@ -144,6 +144,13 @@ class PolicySchedulerCallback(Callback):
         self.scheduler, self._monitor = _find_scheduler(trainer)
         planned = _planned_epochs(trainer)
         if self.scheduler.total_epochs_deferred:
+            if planned is None and trainer.max_steps is not None and trainer.max_steps >= 0:
+                raise ValueError(
+                    f"PolicyScheduler(total_epochs=None) takes its budget from Trainer(max_steps={trainer.max_steps}) "
+                    "here, but the train dataloader has no length (an IterableDataset, for example), so the steps "
+                    "cannot be turned into epochs: build the scheduler with total_epochs=N, the epochs the run will "
+                    "validate, or set Trainer(max_epochs=...)"
+                )
             if planned is None:
                 raise ValueError(
                     "PolicyScheduler(total_epochs=None) takes its budget from Trainer(max_epochs=...) or max_steps, "
@@ -249,13 +256,16 @@ class PolicySchedulerCallback(Callback):
 
 
 def _planned_epochs(trainer: pl.Trainer) -> int | None:
-    """The epochs the run will train: ``max_epochs``, or fewer when ``max_steps`` ends it sooner; None when neither
-    bounds it."""
+    """The epochs the run will validate (one decision each): ``max_epochs``, or fewer when ``max_steps`` ends it
+    sooner; None when neither bounds it (or ``max_steps`` does, but the train loader has no length).
+
+    An epoch that ``max_steps`` cuts short is not validated (Lightning stops without it), so it is not counted.
+    """
     epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 1 else None
     batches = trainer.num_training_batches
     if trainer.max_steps is not None and trainer.max_steps >= 0 and 0 < batches < math.inf:
         steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
-        by_steps = max(1, math.ceil(trainer.max_steps / steps_per_epoch))
+        by_steps = max(1, trainer.max_steps // steps_per_epoch)  # whole epochs: a cut-short one is not validated
         epochs = by_steps if epochs is None else min(epochs, by_steps)
     return epochs
 
