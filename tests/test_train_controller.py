@@ -7,6 +7,7 @@ import dataclasses
 import math
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -146,6 +147,29 @@ def test_train_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
         model.predict(table.assign(grad_cos=np.nan))
     requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/lrcontrol-policy/latest")).read_text()
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements.split(), requirements  # pinned, as logged
+
+
+def test_pyfunc_reads_an_array_by_position_and_refuses_one_of_another_shape(tmp_path):
+    """A direct predict() call with an array: (19,) is one observation, (n, 19) n of them. Any other shape was
+    reshaped to (-1, 19), so a (19, 4) array (features in rows) became 4 scrambled observations."""
+    from types import SimpleNamespace
+
+    from controller import PolicyNet, save_policy
+    from controller.integrations.mlflow_pyfunc import PolicyModel
+
+    torch.manual_seed(0)
+    path = save_policy(tmp_path / "p.safetensors", PolicyNet(len(FEATURE_NAMES), hidden=(8,)))
+    model = PolicyModel()
+    model.load_context(SimpleNamespace(artifacts={"policy": str(path)}))
+    obs = np.random.default_rng(0).uniform(-2, 2, (4, len(FEATURE_NAMES)))
+    factors = model.predict(None, obs)
+    assert factors.shape == (4,)
+    np.testing.assert_array_equal(model.predict(None, obs[1]), factors[1:2])
+    for bad in (obs.T, obs.reshape(2, -1), obs[None], obs[:, :-1]):
+        n = len(FEATURE_NAMES)
+        with pytest.raises(ValueError, match=re.escape(f"({n},) or (rows, {n}), one column per feature in "
+                                                       f"FEATURE_NAMES order, got shape {bad.shape}")):
+            model.predict(None, bad)
 
 
 def test_train_logs_to_the_default_embedded_store(tmp_path, monkeypatch):

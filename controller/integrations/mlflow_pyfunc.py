@@ -35,7 +35,8 @@ class PolicyModel(PythonModel):
         """LR factors, one per row. A DataFrame is read by column name; an array (a direct call) by position.
 
         Raises:
-            ValueError: a feature column is missing, or a value is NaN or infinite (no feature ever is).
+            ValueError: a feature column is missing, an array is not ``(19,)`` or ``(rows, 19)``, or a value is NaN
+                or infinite (no feature ever is).
         """
         from controller.actions import lr_factor
         from controller.features import FEATURE_NAMES
@@ -46,7 +47,13 @@ class PolicyModel(PythonModel):
                 raise ValueError(f"observation table lacks the feature columns {missing}")
             model_input = model_input[list(FEATURE_NAMES)]
         # a float32 copy: MLflow hands over read-only arrays, which torch would wrap with a warning
-        obs = np.array(getattr(model_input, "values", model_input), dtype=np.float32).reshape(-1, self.net.n_features)
+        obs = np.array(getattr(model_input, "values", model_input), dtype=np.float32)
+        n = self.net.n_features
+        if obs.ndim == 1 and obs.shape == (n,):
+            obs = obs[None]  # one observation
+        if obs.ndim != 2 or obs.shape[1] != n:
+            raise ValueError(f"observations must be an array of shape ({n},) or (rows, {n}), one column per "
+                             f"feature in FEATURE_NAMES order, got shape {obs.shape}")
         bad = ~np.isfinite(obs)
         if bad.any():
             rows, cols = np.nonzero(bad)
