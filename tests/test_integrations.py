@@ -482,7 +482,7 @@ def test_hf_plans_epoch_evaluations_without_counting_them_one_by_one():
 
     from controller.integrations.hf import planned_decisions
 
-    for epochs, delay, want in ((4, 0, 4), (4, 2, 3), (4, 2.5, 2), (4, 9, 1), (sys.maxsize, 0, sys.maxsize)):
+    for epochs, delay, want in ((4, 0, 4), (4, 2, 3), (4, 2.5, 2), (4, 9, 1), (sys.maxsize, 0, None)):
         args = SimpleNamespace(eval_strategy="epoch", eval_delay=delay)
         assert planned_decisions(args, SimpleNamespace(num_train_epochs=epochs)) == want
 
@@ -575,6 +575,30 @@ def test_hf_without_the_callback_warns_that_nothing_will_decide(tmp_path, policy
         trainer.train()
     assert len([w for w in caught if "add its callback" in str(w.message)]) == 1  # once, not at every step
     assert scheduler.history == [] and set(lrs) == {0.05}
+
+
+def test_hf_epoch_plan_under_max_steps_over_a_streaming_train_set_is_unknown(tmp_path, policy_path):
+    """A train set with no length under max_steps: the Trainer runs epochs until the steps are spent and sets
+    num_train_epochs to sys.maxsize. Taken as the plan, every decision saw progress ~0."""
+    x, y = _regression_data(64, seed=1)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return ({"x": a, "labels": b} for a, b in zip(x, y))
+
+    def trainer(total_epochs):
+        trainer, _, scheduler = _hf_trainer(tmp_path, policy_path, total_epochs=total_epochs, max_steps=10)
+        trainer.train_dataset = Stream()
+        return trainer, scheduler
+
+    with pytest.raises(ValueError, match=r"max_steps=10 the Trainer cannot say how many epochs .* total_epochs=N"):
+        trainer(None)[0].train()
+    run, scheduler = trainer(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "but the Trainer plans ..." against a made-up plan
+        run.train()
+    # 4 steps an epoch: epochs end at steps 4, 8 and (cut short by max_steps) 10, each evaluated
+    assert [h["obs"][FEATURE_NAMES.index("progress")] for h in scheduler.history] == pytest.approx([1 / 3, 2 / 3, 1])
 
 
 def test_hf_callback_refuses_another_scheduler(tmp_path, policy_path):

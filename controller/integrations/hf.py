@@ -29,7 +29,7 @@ Requires ``pip install 'lrcontrol[hf]'`` (transformers and accelerate).
 from __future__ import annotations
 
 import math
-
+import sys
 import warnings
 from typing import Any
 
@@ -46,12 +46,17 @@ from controller.scheduler import PolicyScheduler
 __all__ = ["PolicySchedulerCallback", "planned_decisions"]
 
 
-def planned_decisions(args: TrainingArguments, state: TrainerState) -> int:
+def planned_decisions(args: TrainingArguments, state: TrainerState) -> int | None:
     """How many evaluations (so decisions) the Trainer's plan holds, as ``DefaultFlowCallback`` schedules them.
 
     ``"steps"``: every ``eval_steps``-th optimizer step from ``eval_delay`` on, plus the last step
     when ``max_steps`` is not a multiple of ``eval_steps``. ``"epoch"``: every epoch that ends at or
-    after ``eval_delay``.
+    after ``eval_delay`` (the last one cut short by ``max_steps`` included: the Trainer evaluates it).
+
+    Returns:
+        The count, or None when the plan does not hold it: ``"epoch"`` over a train set with no length
+        (streaming) under ``max_steps``, where the Trainer runs epochs until the steps are spent and
+        sets ``num_train_epochs`` to ``sys.maxsize``.
 
     Args:
         args: the Trainer's arguments.
@@ -73,6 +78,8 @@ def planned_decisions(args: TrainingArguments, state: TrainerState) -> int:
         # the epochs 1..N at or past the delay, counted without a loop: an unsized train set under max_steps
         # makes N sys.maxsize, and counting one by one never ended
         epochs = int(state.num_train_epochs)
+        if epochs == sys.maxsize:
+            return None
         return max(epochs - max(math.ceil(delay), 1) + 1, 1)
     raise ValueError(
         "PolicyScheduler decides at each evaluation, but TrainingArguments(eval_strategy='no') never evaluates: "
@@ -127,8 +134,15 @@ class PolicySchedulerCallback(TrainerCallback):
             )
         planned = planned_decisions(args, state)
         if scheduler.total_epochs_deferred:
+            if planned is None:
+                raise ValueError(
+                    "PolicyScheduler(total_epochs=None) takes one decision per planned evaluation, but with "
+                    f"eval_strategy='epoch' over a train set with no length (streaming) and max_steps={args.max_steps} "
+                    "the Trainer cannot say how many epochs it will run: build the scheduler with total_epochs=N, "
+                    "the number of epochs, or evaluate on a step grid (eval_strategy='steps')"
+                )
             scheduler.set_total_epochs(planned)
-        elif scheduler.total_epochs != planned:
+        elif planned is not None and scheduler.total_epochs != planned:
             warnings.warn(
                 f"PolicyScheduler(total_epochs={scheduler.total_epochs}) but the Trainer plans {planned} evaluations "
                 "(one decision each): the policy's progress feature will be off; "
