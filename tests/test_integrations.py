@@ -262,6 +262,31 @@ def test_lightning_resume_from_an_epochs_last_batch_keeps_epochs_apart_and_warns
         assert h["obs"][steps] == pytest.approx(np.log10(LIGHTNING_STEPS_PER_EPOCH) / 2)
 
 
+def test_lightning_callback_reused_after_an_interrupted_fit_starts_the_next_fit_afresh(tmp_path, policy_path):
+    """A fit interrupted mid-epoch left that epoch's loss sum in the callback; the next fit with the same callback
+    took it for a checkpoint saved before validation: a false warning, and every decision one epoch late."""
+    pl = pytest.importorskip("pytorch_lightning", reason=LIGHTNING_MISSING)
+    from controller.integrations.lightning import PolicySchedulerCallback
+
+    class Interrupt(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2 * LIGHTNING_STEPS_PER_EPOCH + 2:
+                raise RuntimeError("interrupted")
+
+    callback = PolicySchedulerCallback()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _lightning_run(tmp_path / "a", policy_path, max_epochs=4, callbacks=[Interrupt(), callback],
+                       with_callback=False)
+    assert len(callback.scheduler.history) == 2 and callback._loss_sum is not None  # mid-epoch 3
+    fresh_lrs, fresh, _ = _lightning_run(tmp_path / "b", policy_path, max_epochs=4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="resumed from a checkpoint")
+        lrs, reused, _ = _lightning_run(tmp_path / "c", policy_path, max_epochs=4, callbacks=[callback],
+                                        with_callback=False)
+    assert [h["epoch"] for h in reused.history] == [1, 2, 3, 4]
+    assert lrs == fresh_lrs and reused.history == fresh.history
+
+
 def test_lightning_without_its_callback_warns_that_decisions_lack_the_train_loss(tmp_path, policy_path):
     with pytest.warns(RuntimeWarning, match="callback never attached.*PolicySchedulerCallback"):
         _, scheduler, _ = _lightning_run(tmp_path, policy_path, max_epochs=2, total_epochs=2, with_callback=False)

@@ -153,6 +153,7 @@ class PolicySchedulerCallback(TrainerCallback):
         scheduler._attached = True  # its step() calls with no metric are the Trainer's, expected
         self.scheduler = scheduler
         self._training = True
+        self._unmatched = (0, set())  # from an earlier train() that an exception ended, when the callback is reused
         # A resumed run starts counting from its checkpoint's step, as the Trainer's own loss logging does.
         self._last_log_step = self._last_decision_step = state.global_step
 

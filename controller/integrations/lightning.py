@@ -140,6 +140,19 @@ class PolicySchedulerCallback(Callback):
         """The latest validation loss: ``{"epoch", "val_loss", "decisions"}`` (decisions made before it)."""
         self._first_epoch = False
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """A new fit starts from nothing; a resumed one then gets this callback's state from its checkpoint.
+
+        Lightning calls ``setup`` before it restores callbacks. Without this, a callback reused after an
+        interrupted fit carried that fit's partial epoch into the next one and took it for a checkpoint
+        saved before validation (a false warning, and every decision of the new run one epoch late).
+        """
+        if stage == "fit":
+            self.scheduler = None
+            self._loss_sum, self._loss_weight, self._loss_epoch = None, 0.0, None
+            self._pending = None
+            self._first_epoch = False
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.scheduler, self._monitor = _find_scheduler(trainer)
         planned = _planned_epochs(trainer)
