@@ -146,11 +146,13 @@ LIGHTNING_STEPS_PER_EPOCH = 4  # 64 samples, batches of 16
 
 
 def _lightning_run(tmp_path, policy_path, *, max_epochs, total_epochs=None, ckpt_path=None, callbacks=(),
-                   scheduler_config=None, with_callback=True, unsized=False, **trainer_kwargs):
+                   scheduler_config=None, with_callback=True, unsized=False, package="pytorch_lightning",
+                   **trainer_kwargs):
     """Fit a tiny regression MLP; returns (per-step LRs, scheduler, module).
 
-    ``unsized``: the train loader iterates an IterableDataset, so it has no length."""
-    pl = pytest.importorskip("pytorch_lightning", reason=LIGHTNING_MISSING)
+    ``unsized``: the train loader iterates an IterableDataset, so it has no length. ``package``: the Lightning the
+    module and Trainer come from, ``"pytorch_lightning"`` or ``"lightning.pytorch"`` (``import lightning as L``)."""
+    pl = pytest.importorskip(package, reason=LIGHTNING_MISSING)
     from torch.utils.data import DataLoader, TensorDataset
 
     from controller.integrations.lightning import PolicySchedulerCallback, lr_scheduler_config
@@ -200,8 +202,12 @@ def _lightning_run(tmp_path, policy_path, *, max_epochs, total_epochs=None, ckpt
     return model.lrs, model.scheduler, model
 
 
-def test_lightning_decides_once_per_epoch_from_val_and_train_loss(tmp_path, policy_path):
-    lrs, scheduler, model = _lightning_run(tmp_path, policy_path, max_epochs=4)
+LIGHTNING_PACKAGES = pytest.mark.parametrize("package", ["pytorch_lightning", "lightning.pytorch"])
+
+
+@LIGHTNING_PACKAGES
+def test_lightning_decides_once_per_epoch_from_val_and_train_loss(tmp_path, policy_path, package):
+    lrs, scheduler, model = _lightning_run(tmp_path, policy_path, max_epochs=4, package=package)
     assert scheduler.total_epochs == 4  # deferred: filled in from max_epochs
     assert [h["epoch"] for h in scheduler.history] == [1, 2, 3, 4]
     assert len(lrs) == 4 * LIGHTNING_STEPS_PER_EPOCH
@@ -217,20 +223,20 @@ def test_lightning_decides_once_per_epoch_from_val_and_train_loss(tmp_path, poli
 
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the resumed run checkpoints elsewhere: fine
 @pytest.mark.parametrize("save_on_train_epoch_end", [None, False], ids=["ckpt-at-train-epoch-end", "ckpt-at-val-end"])
-def test_lightning_resume_continues_the_exact_lr_sequence(tmp_path, policy_path, save_on_train_epoch_end):
-    pytest.importorskip("pytorch_lightning", reason=LIGHTNING_MISSING)
-    from pytorch_lightning.callbacks import ModelCheckpoint
+@LIGHTNING_PACKAGES
+def test_lightning_resume_continues_the_exact_lr_sequence(tmp_path, policy_path, save_on_train_epoch_end, package):
+    ModelCheckpoint = pytest.importorskip(f"{package}.callbacks", reason=LIGHTNING_MISSING).ModelCheckpoint
 
-    full_lrs, full, _ = _lightning_run(tmp_path / "full", policy_path, max_epochs=4, total_epochs=4)
+    full_lrs, full, _ = _lightning_run(tmp_path / "full", policy_path, max_epochs=4, total_epochs=4, package=package)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_on_train_epoch_end=save_on_train_epoch_end)
     with pytest.warns(RuntimeWarning, match="plans 2 epochs"):  # stopped half-way on purpose
         first_lrs, first, _ = _lightning_run(tmp_path / "a", policy_path, max_epochs=2, total_epochs=4,
-                                             callbacks=[ckpt])
+                                             callbacks=[ckpt], package=package)
     # Lightning saved before its scheduler step of epoch 2 and skips that step when it resumes: the
     # callback must make that decision, or everything after it is off by one decision.
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["lr_schedulers"][0]["last_epoch"] == 1
     rest_lrs, resumed, _ = _lightning_run(tmp_path / "b", policy_path, max_epochs=4, total_epochs=4,
-                                          ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+                                          ckpt_path=tmp_path / "ckpt" / "last.ckpt", package=package)
     _assert_changes_exactly_at(full_lrs, [4, 8, 12], full.history)
     assert first_lrs + rest_lrs == full_lrs
     assert resumed.history == full.history
@@ -352,6 +358,32 @@ def test_lightning_with_gradient_accumulation_reads_each_batchs_own_loss(tmp_pat
     _, planned, _ = _lightning_run(tmp_path / "max-steps", policy_path, max_epochs=10, max_steps=4,
                                    accumulate_grad_batches=2)
     assert planned.total_epochs == 2 and len(planned.history) == 2
+
+
+@LIGHTNING_PACKAGES
+def test_lightning_refuses_a_module_without_validation_step(tmp_path, policy_path, package):
+    pl = pytest.importorskip(package, reason=LIGHTNING_MISSING)
+    from controller.integrations.lightning import PolicySchedulerCallback, lr_scheduler_config
+
+    class NoValidation(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(6, 1)
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.05)
+            scheduler = PolicyScheduler(optimizer, total_epochs=None, policy=policy_path)
+            return {"optimizer": optimizer, "lr_scheduler": lr_scheduler_config(scheduler)}
+
+    x, y = _regression_data(32, seed=1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[PolicySchedulerCallback()], default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    with pytest.raises(ValueError, match="this run never validates"):
+        trainer.fit(NoValidation(), loader, loader)
 
 
 def test_lightning_scheduler_config_checks_its_arguments(policy_path):
@@ -671,14 +703,27 @@ def test_hf_warns_when_a_later_callback_cancels_the_log_before_a_decision(tmp_pa
 
 
 @pytest.mark.parametrize(
-    "module, library, extra",
-    [("controller.integrations.lightning", "pytorch_lightning", "lightning"),
-     ("controller.integrations.hf", "transformers", "hf")],
+    "module, libraries, extra",
+    [("controller.integrations.lightning", ["pytorch_lightning", "lightning"], "lightning"),
+     ("controller.integrations.hf", ["transformers"], "hf")],
 )
-def test_integration_names_the_extra_to_install_when_its_library_is_missing(module, library, extra):
+def test_integration_names_the_extra_to_install_when_its_library_is_missing(module, libraries, extra):
     code = (
-        f"import sys\nsys.modules[{library!r}] = None  # as if not installed\n"
+        f"import sys\nfor name in {libraries!r}:\n    sys.modules[name] = None  # as if not installed\n"
         f"try:\n    import {module}\nexcept ImportError as err:\n    assert 'lrcontrol[{extra}]' in str(err), err\n"
         "else:\n    raise SystemExit('imported without its library')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_lightning_integration_works_with_the_lightning_package_alone():
+    """`import lightning as L` users may not have pytorch_lightning: the callback is then lightning.pytorch's."""
+    pytest.importorskip("lightning.pytorch", reason="the lightning package is not installed")
+    code = (
+        "import sys\nsys.modules['pytorch_lightning'] = None  # as if not installed\n"
+        "import lightning.pytorch as L\n"
+        "from controller.integrations import lightning as ours\n"
+        "assert issubclass(ours.PolicySchedulerCallback, L.Callback), ours.PolicySchedulerCallback.__mro__\n"
+        "assert ours.extract_batch_size.__module__.startswith('lightning.pytorch')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

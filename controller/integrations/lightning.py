@@ -27,7 +27,8 @@ comes before that epoch's validation, and Lightning, resuming from it, goes stra
 is never validated and its decision cannot be made. The callback tags its loss sum with the epoch, so it
 notices, warns, and keeps that epoch's loss and optimizer steps out of the next decision.
 
-Requires ``pip install 'lrcontrol[lightning]'`` (the ``pytorch_lightning`` package).
+Requires ``pip install 'lrcontrol[lightning]'`` (the ``pytorch_lightning`` package), or the ``lightning`` package
+(``import lightning as L``): either one's Trainer takes the callback.
 """
 
 from __future__ import annotations
@@ -39,17 +40,31 @@ from typing import Any
 
 import torch
 
+# Lightning ships as two packages holding the same code under two names: ``pytorch_lightning`` (the extra installs it)
+# and ``lightning.pytorch`` (``import lightning as L``). The callback subclasses the Callback of each one installed,
+# and reads a Trainer of either (nothing below compares classes of one package with objects of the other).
+_callback_bases: list[type] = []
 try:
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import Callback
-    from pytorch_lightning.trainer.states import TrainerFn
     from pytorch_lightning.utilities.data import extract_batch_size
-    from pytorch_lightning.utilities.model_helpers import is_overridden
-except ImportError as err:  # pragma: no cover - exercised in a subprocess test
+
+    _callback_bases.append(pl.Callback)
+except ImportError:
+    pass
+try:
+    import lightning.pytorch as _lightning_pytorch
+
+    _callback_bases.append(_lightning_pytorch.Callback)
+    if len(_callback_bases) == 1:
+        pl = _lightning_pytorch  # type: ignore[misc,no-redef]
+        from lightning.pytorch.utilities.data import extract_batch_size  # type: ignore[no-redef]
+except ImportError:
+    pass
+if not _callback_bases:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(
-        "controller.integrations.lightning needs PyTorch Lightning (the pytorch_lightning package): "
-        "pip install 'lrcontrol[lightning]'"
-    ) from err
+        "controller.integrations.lightning needs PyTorch Lightning (the pytorch_lightning package, or the lightning "
+        "package): pip install 'lrcontrol[lightning]'"
+    )
 
 from controller.scheduler import PolicyScheduler
 
@@ -95,7 +110,15 @@ def _batch_size(batch: Any) -> int:
         return 1
 
 
-class PolicySchedulerCallback(Callback):
+def _overrides(module: Any, name: str) -> bool:
+    """Whether the user's LightningModule defines ``name`` (a class of its own, not Lightning's, has it)."""
+    for cls in type(module).__mro__:
+        if name in vars(cls):
+            return not cls.__module__.startswith(("pytorch_lightning.", "lightning."))
+    return False
+
+
+class PolicySchedulerCallback(*_callback_bases):  # type: ignore[misc]
     """Feeds a :class:`PolicyScheduler` what Lightning does not: the epoch's training loss.
 
     It also checks the scheduler config at the start of training, fills in ``total_epochs`` from
@@ -236,7 +259,7 @@ class PolicySchedulerCallback(Callback):
         self._loss_weight += n
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or self.scheduler is None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or self.scheduler is None:
             return
         value = trainer.callback_metrics.get(self._monitor)
         if value is None:
@@ -303,7 +326,7 @@ def _find_scheduler(trainer: pl.Trainer) -> tuple[PolicyScheduler, str]:
         )
     scheduler, monitor = config.scheduler, config.monitor
     assert isinstance(scheduler, PolicyScheduler) and monitor is not None  # checked above; for mypy
-    if trainer.limit_val_batches == 0 or not is_overridden("validation_step", trainer.lightning_module):
+    if trainer.limit_val_batches == 0 or not _overrides(trainer.lightning_module, "validation_step"):
         raise ValueError(
             "PolicyScheduler decides once per epoch from that epoch's validation loss, and this run never validates "
             "(limit_val_batches=0, or no validation_step): define validation_step, pass val_dataloaders and "
