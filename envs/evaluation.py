@@ -345,15 +345,33 @@ class Evaluation:
     def from_dict(cls, saved: Mapping[str, Any]) -> Evaluation:
         """The evaluation a :meth:`to_dict` (read back from JSON) holds: its scores are recomputed from its records.
 
+        Standard JSON has no NaN or infinity, and ``train_controller.py evaluate`` writes them as ``null``: a null
+        loss reads back as ``inf`` (a final or initial loss, an oracle: every score treats any non-finite value
+        as diverged) or ``nan`` (an entry of a per-epoch loss list).
+
         Raises:
             ValueError: ``saved`` is not such a dict (its missing or malformed part is named).
         """
+
+        def loss(value: Any) -> float:
+            return math.inf if value is None else float(value)
+
+        def record(r: Mapping[str, Any]) -> RunRecord:
+            r = dict(r)
+            for name in ("initial_test", "final_test", "final_val"):
+                if name in r:
+                    r[name] = loss(r[name])
+            for name in ("train_losses", "val_losses"):
+                if name in r:
+                    r[name] = [math.nan if v is None else float(v) for v in r[name]]
+            return RunRecord(**r)
+
         try:
             protocol = saved["protocol"]
             schedules = protocol.get("schedules") or list(next(iter(saved["summary"].values())))  # older files
             return cls(list(protocol["families"]), int(protocol["seeds"]), [float(m) for m in protocol["multipliers"]],
-                       list(schedules), [RunRecord(**r) for r in saved["records"]],
-                       {str(k): float(v) for k, v in saved["oracle"].items()},
+                       list(schedules), [record(r) for r in saved["records"]],
+                       {str(k): loss(v) for k, v in saved["oracle"].items()},
                        bool(protocol.get("policy_accuracy", True)), check_epoch_range(protocol.get("epochs")))
         except (KeyError, TypeError, ValueError, AttributeError, StopIteration) as err:
             raise ValueError(f"not a saved evaluation ({type(err).__name__}: {err})") from None

@@ -881,6 +881,16 @@ def test_an_evaluation_reads_back_from_its_json():
     assert json.dumps(again.to_dict()) == saved and again.aggregate("policy", 1.0) == ev.aggregate("policy", 1.0)
     with pytest.raises(ValueError, match="not a saved evaluation .*'records'"):
         Evaluation.from_dict({k: v for k, v in json.loads(saved).items() if k != "records"})
+    # as `evaluate` writes it: standard JSON, non-finite values as null (a null final loss and oracle were refused
+    # or read as None, and the scores then failed with a TypeError)
+    records[0].train_losses, records[0].initial_test = [1.0, math.nan], 2.0
+    strict = json.loads(json.dumps(tc.strict_json(ev.to_dict()), allow_nan=False))
+    assert strict["records"][1]["final_test"] is None and strict["oracle"]["a/1"] is None
+    again = Evaluation.from_dict(strict)
+    assert [again.aggregate(s, 1.0) for s in ev.schedules] == [ev.aggregate(s, 1.0) for s in ev.schedules]
+    assert again.failures("policy") == ev.failures("policy") and again.oracle["a/1"] == math.inf
+    assert again.records[1].final_test == math.inf and math.isnan(again.records[0].train_losses[1])
+    assert tc.format_table(again) == tc.format_table(ev)
     with pytest.raises(ValueError, match="not a saved evaluation"):
         Evaluation.from_dict({"protocol": 5})
 
