@@ -169,7 +169,8 @@ def load_policy(path: str | Path | None = None) -> PolicyNet:
         FileNotFoundError: no file at ``path``.
         ValueError: not a policy file written by :func:`save_policy` for these features — a pickle,
             an SB3 zip, a truncated or corrupt file (metadata of the wrong type or an impossible net
-            shape included), non-finite weights or a normalisation std <= 0, a newer format version,
+            shape included), weights that are not floating point, non-finite weights or a normalisation
+            std <= 0, a newer format version,
             or a directory.
     """
     if isinstance(path, str) and not path.strip():
@@ -197,6 +198,9 @@ def load_policy(path: str | Path | None = None) -> PolicyNet:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise _refuse(path, f"corrupt or truncated tensor data ({err})") from None
+    not_real = sorted(f"{k} ({t.dtype})" for k, t in tensors.items() if not t.is_floating_point())
+    if not_real:  # load_state_dict would cast them: truncated ints, bools, complex numbers less their imaginary part
+        raise _refuse(path, f"its weights must be real floating-point tensors, got {', '.join(not_real)}")
     found = {k: tuple(t.shape) for k, t in tensors.items()}
     if found != expected:
         wrong = sorted(k for k in found.keys() | expected.keys() if found.get(k) != expected.get(k))

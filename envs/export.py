@@ -31,11 +31,15 @@ def policy_from_state_dict(state: dict[str, torch.Tensor], activation: str) -> P
     """Build a :class:`PolicyNet` from an SB3 ``ActorCriticPolicy`` state dict.
 
     Raises:
-        ValueError: the weights are not an actor-critic policy's for these features (names, shapes), or some
-            are not finite (a checkpoint of a run that blew up).
+        ValueError: the weights are not an actor-critic policy's for these features (names, shapes, a dtype
+            that is not floating point), or some are not finite (a checkpoint of a run that blew up).
     """
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("not an SB3 actor-critic policy: its weights are not a dict of tensors")
+    not_real = sorted(f"{k} ({v.dtype})" for k, v in state.items() if not v.is_floating_point())
+    if not_real:  # they would be cast to float32: truncated ints, bools, complex numbers less their imaginary part
+        raise ValueError(f"not an SB3 actor-critic policy: its weights must be real floating-point tensors, got "
+                         f"{', '.join(not_real)}")
     try:
         net = _policy_net(state, activation)
     except (KeyError, RuntimeError) as err:  # a missing bias, a layer whose shape does not chain

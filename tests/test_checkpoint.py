@@ -284,6 +284,23 @@ def test_directory_is_refused_by_name(tmp_path):
         load_policy(tmp_path)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64])
+def test_weights_that_are_not_real_floats_are_refused(tmp_path, dtype):
+    """load_state_dict casts them into the float32 net: int weights truncated, bools as 0/1, complex numbers less
+    their imaginary part: another policy, loaded without a word."""
+    from safetensors.torch import load, save
+
+    good = save_policy(tmp_path / "good.safetensors", make_net())
+    tensors = load(good.read_bytes())
+    tensors["mlp.0.weight"] = tensors["mlp.0.weight"].to(dtype)
+    (tmp_path / "t.safetensors").write_bytes(save(tensors, metadata=read_metadata_raw(good)))
+    with pytest.raises(ValueError, match=rf"weights must be real floating-point tensors, got mlp.0.weight \({dtype}\)"):
+        load_policy(tmp_path / "t.safetensors")
+    tensors["mlp.0.weight"] = load(good.read_bytes())["mlp.0.weight"].double()  # another float width loads
+    (tmp_path / "f.safetensors").write_bytes(save(tensors, metadata=read_metadata_raw(good)))
+    load_policy(tmp_path / "f.safetensors")
+
+
 def test_non_finite_weights_are_refused(tmp_path):
     net = make_net()
     with torch.no_grad():

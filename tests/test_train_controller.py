@@ -686,9 +686,15 @@ def _bomb(path: Path) -> Path:
         (lambda p: _sb3_zip(p, edit=lambda w: w.update({"action_net.bias": torch.tensor(0.0)})),
          "action_net.bias has shape (), not a vector"),
         (lambda p: _bomb(_sb3_zip(p)), "its data entry unpacks to 16,777,217 bytes, more than an SB3 policy's"),
+        # cast to float32 they were exported as another policy: truncated, or less their imaginary part
+        (lambda p: _sb3_zip(p, edit=lambda w: w.update({"action_net.weight": w["action_net.weight"].long()})),
+         "weights must be real floating-point tensors, got action_net.weight (torch.int64)"),
+        (lambda p: _sb3_zip(p, edit=lambda w: w.update({"action_net.bias": torch.zeros(1, dtype=torch.complex64)})),
+         "weights must be real floating-point tensors, got action_net.bias (torch.complex64)"),
     ],
     ids=["data-list", "kwargs-str", "weights-tensor", "weights-int", "missing-bias", "bad-shape", "nan", "sde",
-         "1-d-hidden", "0-d-action", "2-d-hidden-bias", "0-d-action-bias", "zip-bomb"],
+         "1-d-hidden", "0-d-action", "2-d-hidden-bias", "0-d-action-bias", "zip-bomb", "int-weights",
+         "complex-bias"],
 )
 def test_export_refuses_malformed_sb3_zips_by_name(tmp_path, make, message):
     _sb3_zip(tmp_path / "good.zip")  # the same construction, unedited, exports
