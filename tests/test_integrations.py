@@ -384,6 +384,11 @@ def test_lightning_refuses_a_module_without_validation_step(tmp_path, policy_pat
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
     with pytest.raises(ValueError, match="this run never validates"):
         trainer.fit(NoValidation(), loader, loader)
+    # a validation_step inherited from a class of Lightning's own package (not LightningModule) counts
+    from controller.integrations.lightning import _overrides
+
+    BoringModel = pytest.importorskip(f"{package}.demos.boring_classes").BoringModel
+    assert _overrides(BoringModel(), "validation_step") and not _overrides(NoValidation(), "validation_step")
 
 
 def test_lightning_scheduler_config_checks_its_arguments(policy_path):

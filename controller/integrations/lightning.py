@@ -111,11 +111,12 @@ def _batch_size(batch: Any) -> int:
 
 
 def _overrides(module: Any, name: str) -> bool:
-    """Whether the user's LightningModule defines ``name`` (a class of its own, not Lightning's, has it)."""
+    """Whether ``module``'s class overrides ``LightningModule.name`` (of either package), as Lightning's own
+    ``is_overridden`` says for a module of its package."""
     for cls in type(module).__mro__:
-        if name in vars(cls):
-            return not cls.__module__.startswith(("pytorch_lightning.", "lightning."))
-    return False
+        if cls.__name__ == "LightningModule" and cls.__module__.endswith(".core.module"):
+            return getattr(type(module), name, None) is not getattr(cls, name, None)
+    return callable(getattr(module, name, None))
 
 
 class PolicySchedulerCallback(*_callback_bases):  # type: ignore[misc]
