@@ -21,14 +21,18 @@ from other processes on a shared machine hits them alike. Budgets are long enoug
 ends while timing (steady state); the PPO section below includes resets. Last, end-to-end PPO
 (SB3, default MlpPolicy) env-steps per second for a short run on the batchable training families,
 through ``make_vec_env`` (batched) and through per-env ``LRControlEnv`` slots, with the mean inner
-work per env step of each (their sampled tasks differ; a short run draws few of them).
+work per env step of each (their sampled tasks differ; a short run draws few of them). SB3 runs whole
+rollouts (about 2048 env steps each, at least 8 per env), so ``--ppo-steps`` is rounded up to a multiple of
+one; the steps run are printed.
 
 Ends with the machine-readable lines ``env_step_ms_median <value>`` (median over families),
 ``batched_vs_separate_n32 <ratio>`` and ``batched_vs_naive_n32 <ratio>`` (model-epochs/s ratios).
 
 Usage: ``python bench/env_throughput.py [--families a,b] [--steps 8] [--threads 1] [--device cpu]
 [--batched-family digits_mlp] [--batched-n 8,32,128] [--ppo-steps 4096] [--ppo-envs 32]``
-(``--families ''`` skips the per-family table, ``--ppo-steps 0`` the PPO run.)
+(``--families ''`` skips the per-family table, ``--ppo-steps 0`` the PPO run; ``--device auto``: CUDA when available.)
+Arguments are checked before any timing: ``--batched-family`` must be one of ``envs.batched.BATCHABLE_FAMILIES``,
+and a local family's data must be readable (``$LRCONTROL_DATA``).
 """
 
 from __future__ import annotations
@@ -59,7 +63,13 @@ from envs import (  # noqa: E402
     check_device,
     get_family,
 )
-from envs.batched import BatchConfig, LRControlVecEnv, is_batchable, make_vec_env  # noqa: E402
+from envs.batched import (  # noqa: E402
+    BATCHABLE_FAMILIES,
+    BatchConfig,
+    LRControlVecEnv,
+    is_batchable,
+    make_vec_env,
+)
 
 LONG_BUDGET = 10_000
 """Epoch budget of the timed tasks: no episode ends while timing."""
@@ -174,10 +184,24 @@ class _WorkMeter(BaseCallback):
         return True
 
 
-def ppo_env_steps_per_s(batched: bool, n_envs: int, total_steps: int, device: str) -> tuple[float, float, int]:
+def ppo_n_steps(n_envs: int) -> int:
+    """PPO's rollout length per env: a rollout of about 2048 env steps over ``n_envs`` envs (at least 8 each)."""
+    return max(2048 // n_envs, 8)
+
+
+def ppo_steps_run(requested: int, n_envs: int) -> int:
+    """The env steps a PPO run of ``requested`` steps takes: SB3 collects whole rollouts of
+    ``ppo_n_steps(n_envs) × n_envs`` steps, so the count is rounded up to a multiple of that."""
+    rollout = ppo_n_steps(n_envs) * n_envs
+    return -(-requested // rollout) * rollout
+
+
+def ppo_env_steps_per_s(batched: bool, n_envs: int, total_steps: int,
+                        device: str) -> tuple[float, float, int, int]:
     """End-to-end PPO on the batchable training families, batched or per-env.
 
-    Returns env-steps/s, mean inner work per env step (samples × parameters) and episodes ended.
+    Returns env-steps/s, mean inner work per env step (samples × parameters), episodes ended and the env steps
+    run (``total_steps`` rounded up to whole rollouts: :func:`ppo_steps_run`).
     A short run draws few tasks, so the batched side mixes shapes (batches of 8, a new shape every
     32 epochs) and the work per step is reported to show how alike the two runs' tasks were.
     """
@@ -189,14 +213,28 @@ def ppo_env_steps_per_s(batched: bool, n_envs: int, total_steps: int, device: st
     else:
         venv = VecMonitor(DummyVecEnv([lambda: LRControlEnv(config) for _ in range(n_envs)]))
         venv.seed(0)
-    model = PPO("MlpPolicy", venv, n_steps=max(2048 // n_envs, 8), batch_size=256, n_epochs=4, seed=0, device="cpu")
+    model = PPO("MlpPolicy", venv, n_steps=ppo_n_steps(n_envs), batch_size=256, n_epochs=4, seed=0, device="cpu")
     meter = _WorkMeter()
     t0 = time.perf_counter()
     model.learn(total_timesteps=total_steps, callback=meter)
     elapsed = time.perf_counter() - t0
     venv.close()
     assert isinstance(venv, VecMonitor)
-    return model.num_timesteps / elapsed, meter.work / model.num_timesteps, venv.episode_count
+    return (model.num_timesteps / elapsed, meter.work / model.num_timesteps, venv.episode_count,
+            model.num_timesteps)
+
+
+def check_local_data(parser: argparse.ArgumentParser, families: list[str]) -> None:
+    """Read the local datasets ``families`` need now (``envs.local_data``: a ``FileNotFoundError`` names what is
+    missing), so that missing data is an argument error before any timing, not a traceback after the table."""
+    problems = []
+    for name in dict.fromkeys(f for f in families if f in LOCAL_FAMILIES):
+        try:
+            get_family(name).data()
+        except (FileNotFoundError, ValueError) as err:
+            problems.append(f"{name}: {err}")
+    if problems:
+        parser.error("local data missing or unreadable:\n" + "\n".join(problems))
 
 
 def main() -> None:
@@ -205,10 +243,12 @@ def main() -> None:
                         help="comma-separated families (default: all but the local ones, which read $LRCONTROL_DATA)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per family / per N (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every loop")
-    parser.add_argument("--device", default="cpu", help="device of the batched section and PPO runs (cpu, cuda)")
+    parser.add_argument("--device", default="cpu",
+                        help="device of the batched section and PPO runs (cpu, cuda, cuda:N, auto)")
     parser.add_argument("--batched-family", default="digits_mlp", help="family of the batched section")
     parser.add_argument("--batched-n", default="8,32,128", help="comma-separated N (32 is always measured)")
-    parser.add_argument("--ppo-steps", type=int, default=4096, help="env steps of each PPO run (0: skip)")
+    parser.add_argument("--ppo-steps", type=int, default=4096,
+                        help="env steps of each PPO run, rounded up to whole rollouts (0: skip)")
     parser.add_argument("--ppo-envs", type=int, default=32, help="parallel envs of the PPO runs")
     args = parser.parse_args()
     for name in ("steps", "threads", "ppo_envs"):
@@ -221,11 +261,16 @@ def main() -> None:
         families = [f for f in args.families.split(",") if f]
         for family in (*families, args.batched_family):
             get_family(family)
-        check_device(args.device)  # before the per-family table: a missing GPU is named at once, not minutes later
+        # before the per-family table: a missing GPU is named at once, not minutes later; "auto" resolved
+        device = str(check_device(args.device))
     except ValueError as err:
         parser.error(str(err))
+    if not is_batchable(args.batched_family):
+        parser.error(f"--batched-family {args.batched_family!r} is not batchable; batchable: "
+                     f"{', '.join(BATCHABLE_FAMILIES)}")
     if ns[0] < 1:
         parser.error(f"--batched-n takes positive sizes, got {args.batched_n!r}")
+    check_local_data(parser, [*families, args.batched_family])
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.steps} steps\n")
     env_ms_all = []
@@ -240,26 +285,30 @@ def main() -> None:
         env_ms_all.append(env_ms)
         print(f"{family:20s} {env_ms:12.2f} {n_train / env_ms * 1e3:11.0f} {naive_ms:15.2f} {naive_ms / env_ms:9.2f}x")
 
-    print(f"\nBatched ({args.batched_family} default task, device {args.device}): model-epochs per second")
+    print(f"\nBatched ({args.batched_family} default task, device {device}): model-epochs per second")
     header = (f"{'N':>5s} {'batched':>10s} {'separate':>10s} {'naive':>8s} "
               f"{'batched/separate':>17s} {'batched/naive':>14s}")
     print(header)
     print("-" * len(header))
     ratios: dict[int, tuple[float, float]] = {}
     for n in ns:
-        b, sep, naive = batched_row(args.batched_family, n, args.steps, args.device)
+        b, sep, naive = batched_row(args.batched_family, n, args.steps, device)
         ratios[n] = (b / sep, b / naive)
         print(f"{n:5d} {b:10.1f} {sep:10.1f} {naive:8.1f} {b / sep:16.2f}x {b / naive:13.2f}x", flush=True)
 
     if args.ppo_steps:
-        print(f"\nEnd-to-end PPO, {args.ppo_envs} envs, {args.ppo_steps} env steps, batchable training families:")
-        print(f"  {'':24s} {'env-steps/s':>11s} {'work/step':>10s} {'episodes':>9s}   (work: M samples x params)")
+        steps = ppo_steps_run(args.ppo_steps, args.ppo_envs)
+        rounded = (f" ({args.ppo_steps} asked, rounded up to whole PPO rollouts of {ppo_n_steps(args.ppo_envs)} "
+                   f"steps x {args.ppo_envs} envs)" if steps != args.ppo_steps else "")
+        print(f"\nEnd-to-end PPO, {args.ppo_envs} envs, {steps} env steps{rounded}, batchable training families:")
+        print(f"  {'':24s} {'env-steps/s':>11s} {'work/step':>10s} {'episodes':>9s} {'env steps':>9s}"
+              "   (work: M samples x params)")
         rates = {}
         for batched in (True, False):
-            rate, work, episodes = ppo_env_steps_per_s(batched, args.ppo_envs, args.ppo_steps, args.device)
+            rate, work, episodes, run = ppo_env_steps_per_s(batched, args.ppo_envs, args.ppo_steps, device)
             rates[batched] = (rate, work)
             name = "batched (make_vec_env)" if batched else "per-env (DummyVecEnv)"
-            print(f"  {name:24s} {rate:11.1f} {work / 1e6:10.1f} {episodes:9d}", flush=True)
+            print(f"  {name:24s} {rate:11.1f} {work / 1e6:10.1f} {episodes:9d} {run:9d}", flush=True)
         (rb, wb), (rs, ws) = rates[True], rates[False]
         print(f"  batched / per-env: {rb / rs:.2f}x env-steps/s, {rb * wb / (rs * ws):.2f}x inner work/s")
 

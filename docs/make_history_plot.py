@@ -7,11 +7,16 @@ The run is seeded, so the picture is reproducible. Regenerate it when the defaul
 
     python docs/make_history_plot.py                     # bundled default policy -> docs/lr_history.png
     python docs/make_history_plot.py --policy P.safetensors --out /tmp/p.png
+
+The arguments are checked before any training: ``--epochs`` >= 2 (the project's smallest epoch budget), a positive
+``--lr``, a readable ``--policy`` file, and an ``--out`` that is no directory with an image suffix matplotlib writes
+(``.png``, ``.pdf``, ``.svg``, …; PNG when it has none).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -52,18 +57,45 @@ def run(policy: str | None, epochs: int, lr: float, seed: int) -> PolicySchedule
     return scheduler
 
 
+MIN_EPOCHS = 2
+"""The smallest epoch budget the project runs (``envs.tasks.check_epoch_range``): at least one decision that sets the
+LR of an epoch still to come."""
+
+
+def check_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    """Refuse an ``--out`` :func:`plot_history` could not write: a directory, or a suffix matplotlib has no writer
+    for (``plot_history``'s own rule: the suffix, lower-cased, names the format; none is PNG)."""
+    from matplotlib.figure import Figure
+
+    out = out.expanduser()
+    if out.is_dir():
+        parser.error(f"--out: {out} is a directory; give a file path such as {out / 'lr_history.png'}")
+    supported = Figure().canvas.get_supported_filetypes()
+    if (out.suffix[1:].lower() or "png") not in supported:
+        parser.error(f"--out: cannot write a {out.suffix!r} image; use one of "
+                     f"{', '.join('.' + k for k in sorted(supported))}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default=None, help="policy file (default: the bundled default policy)")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of the run (>= 2; default 30)")
     # 1e-4 is 10x below AdamW's usual 1e-3: the run has something to correct, so the picture shows
     # the decisions that matter (raise a too-low LR, then anneal).
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW's initial LR")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "lr_history.png")
     args = parser.parse_args()
+    if args.epochs < MIN_EPOCHS:
+        parser.error(f"--epochs must be >= {MIN_EPOCHS}, got {args.epochs}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        parser.error(f"--lr must be a positive finite number, got {args.lr}")
+    check_out(parser, args.out)
+    try:
+        placeholder = load_policy(args.policy).metadata.get("placeholder", False)
+    except (OSError, ValueError) as err:  # no such file, or no policy file
+        parser.error(f"--policy: {err}")
     torch.set_num_threads(1)
-    placeholder = load_policy(args.policy).metadata.get("placeholder", False)
     scheduler = run(args.policy, args.epochs, args.lr, args.seed)
     name = "bundled default policy" if args.policy is None else Path(args.policy).name
     title = f"digits MLP, AdamW lr={args.lr:g}, {name}" + (" (placeholder: a = 0)" if placeholder else "")

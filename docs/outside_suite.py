@@ -30,6 +30,9 @@ over seeds. Data: 60 % train, 20 % validation (what the schedules see), 20 % tes
 ``--from-tuned`` starts every schedule at the LR a practitioner who tuned it would use: the grid LR whose cosine run has
 the lowest final validation loss, per scenario and seed (as ``docs/tuned_start.py`` does on the task families). It runs
 the policy without accuracy, free and with ``max_lr`` = that LR (``policy_capped``: it can only lower the LR).
+
+``--out`` and ``--plot`` are checked before anything runs (their directory must exist), and the tables are printed
+before either is written.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -303,10 +307,24 @@ def plot(records: list[RunRecord], path: Path, seed: int = 0) -> None:
     fig.savefig(path, dpi=80)
 
 
+def check_path(parser: argparse.ArgumentParser, option: str, path: Path | None) -> None:
+    """Refuse an output path that could not be written after the runs: a directory, or a path in a missing or
+    read-only directory."""
+    if path is None:
+        return
+    if path.is_dir():
+        parser.error(f"{option}: {path} is a directory; give a file path")
+    if not path.parent.is_dir():
+        parser.error(f"{option}: the directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        parser.error(f"{option}: the directory {path.parent} is not writable")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5, help="seeds per scenario (default 5)")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated (default: all six)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help="comma-separated, each run once (default: all six)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU)")
     parser.add_argument("--out", type=Path, default=None, help="also write every run's result here (JSON)")
     parser.add_argument("--tables", type=Path, default=None, metavar="JSON",
@@ -323,12 +341,17 @@ def main() -> None:
             records, seeds = [RunRecord(**r) for r in saved["records"]], saved["seeds"]
         except (OSError, ValueError, KeyError, TypeError) as err:
             parser.error(f"--tables: {args.tables} is no saved --out file ({type(err).__name__}: {err})")
+        if not records:
+            parser.error(f"--tables: {args.tables} is no saved --out file (it holds no records)")
+        check_path(parser, "--plot", args.plot)
         print(f"final test loss / the best cosine run over the LR grid; mean ± std over {seeds} seed(s)\n")
         print(tuned_tables(records) if saved.get("from_tuned") else tables(records))
         if args.plot is not None:
             plot(records, args.plot)
         return
-    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    check_path(parser, "--out", args.out)
+    check_path(parser, "--plot", args.plot)
+    names = list(dict.fromkeys(n.strip() for n in args.scenarios.split(",") if n.strip()))  # each once
     if unknown := [n for n in names if n not in SCENARIOS]:
         parser.error(f"--scenarios: unknown {unknown}; known: {', '.join(SCENARIOS)}")
     if args.seeds < 1 or (args.workers is not None and args.workers < 1):
@@ -346,11 +369,12 @@ def main() -> None:
         else:
             todo = jobs(names, args.seeds)
             records = list(tqdm(pool.map(run, todo), total=len(todo), desc="runs", unit="run"))
+    # the tables first: a failed write loses no result
+    print(f"\nfinal test loss / the best cosine run over the LR grid; mean ± std over {args.seeds} seed(s)\n")
+    print(tuned_tables(records) if args.from_tuned else tables(records))
     if args.out is not None:
         args.out.write_text(json.dumps({"seeds": args.seeds, "ratio_cap": RATIO_CAP, "from_tuned": args.from_tuned,
                                         "records": [asdict(r) for r in records]}) + "\n")
-    print(f"\nfinal test loss / the best cosine run over the LR grid; mean ± std over {args.seeds} seed(s)\n")
-    print(tuned_tables(records) if args.from_tuned else tables(records))
     if args.plot is not None:
         plot(records, args.plot)
 

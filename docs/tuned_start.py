@@ -4,20 +4,23 @@ The evaluation of ``train_controller.py evaluate`` starts every schedule at x0.1
 A practitioner who has tuned the LR starts elsewhere: here, at the point of the oracle's 7-LR cosine grid
 (``envs.evaluation.ORACLE_GRID``) with the lowest final *validation* loss, what a grid search on the validation set
 picks. From that LR run: cosine annealing (the grid run itself), constant, OneCycle, ReduceLROnPlateau
-(``envs.evaluation.make_baseline``), the policy, and the policy with ``max_lr`` set to that LR (``policy_capped``: it can
-only lower the LR). Score as in the model card: final test loss / the best final test loss over the grid, capped at
+(``envs.evaluation.make_baseline``), the policy, and the policy with ``max_lr`` set to that LR (``policy_capped``: it
+can only lower the LR). Score as in the model card: final test loss / the best final test loss over the grid, capped at
 ``RATIO_CAP``; per seed, the geometric mean over families, reported as mean +- std over seeds, then each family's mean
 over seeds. Tasks are ``envs.evaluation.evaluation_tasks`` (the model card's), on the validation families by default.
 
     python docs/tuned_start.py                          # validation families, 5 seeds: ~10 min on 2 cores
     python docs/tuned_start.py --families blobs_mlp --seeds 1 --out /tmp/t.json
     python docs/tuned_start.py --tables /tmp/t.json     # the table again, from the saved runs
+
+``--out`` is checked before anything runs (its directory must exist), and the table is printed before it is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from dataclasses import replace
@@ -42,7 +45,8 @@ SCHEDULES = ("policy", "policy_capped", "constant", "cosine", "onecycle", "plate
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", default=",".join(VALIDATION_FAMILIES), help="comma-separated (default: validation)")
+    parser.add_argument("--families", default=",".join(VALIDATION_FAMILIES),
+                        help="comma-separated, each run once (default: validation)")
     parser.add_argument("--seeds", type=int, default=5, help="tasks per family (default 5)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU)")
     parser.add_argument("--out", type=Path, default=None,
@@ -52,12 +56,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.tables is not None:
         try:
-            ev = Evaluation.from_dict(json.loads(args.tables.read_text()))
+            saved = json.loads(args.tables.read_text())
+            if not isinstance(saved, dict) or "tuned_lr" not in saved:
+                raise ValueError("no 'tuned_lr': not written by tuned_start.py --out")
+            ev = Evaluation.from_dict(saved)
         except (OSError, ValueError) as err:
             parser.error(f"--tables: {args.tables} is no saved --out file ({err})")
         print(table(ev))
         return
-    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    check_out(parser, args.out)
+    families = list(dict.fromkeys(f.strip() for f in args.families.split(",") if f.strip()))  # each once
     if not families or (unknown := [f for f in families if f not in FAMILIES]):
         parser.error(f"--families: unknown {unknown if families else 'none given'}; known: {', '.join(FAMILIES)}")
     if args.seeds < 1 or (args.workers is not None and args.workers < 1):
@@ -81,10 +89,24 @@ def main() -> None:
             done = [replace(r, schedule=s) for r, (_, s) in zip(run_jobs(starts, pool, bar.update), labels)]
     records = done + [replace(r, multiplier=1.0) for r in tuned.values()]  # cosine from the tuned LR: the grid run
     ev = Evaluation(families, args.seeds, [1.0], list(SCHEDULES), records, oracle_losses(grid))
+    print(table(ev))  # before the file: a failed write loses no result
     if args.out is not None:
         tuned_lrs = {f"{f}/{i}": r.lrs[0] for (f, i), r in tuned.items()}
         args.out.write_text(json.dumps({**ev.to_dict(), "tuned_lr": tuned_lrs}) + "\n")
-    print(table(ev))
+
+
+def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
+    """Refuse an ``--out`` that could not be written after the run: a directory, or a path in a missing or
+    read-only directory."""
+    if out is None:
+        return
+    if out.is_dir():
+        parser.error(f"--out: {out} is a directory; give a file path such as {out / 'tuned.json'}")
+    parent = out.parent
+    if not parent.is_dir():
+        parser.error(f"--out: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        parser.error(f"--out: the directory {parent} is not writable")
 
 
 def table(ev: Evaluation) -> str:

@@ -3,17 +3,30 @@ No timing is asserted (machines here are shared and noisy)."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300)
+def run(script: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def load(script: str, monkeypatch) -> ModuleType:
+    """A bench script imported in this process (to stand in for its long parts)."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem, BENCH / script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_scheduler_overhead_prints_its_machine_readable_lines():
@@ -41,9 +54,56 @@ def test_scheduler_overhead_prints_its_machine_readable_lines():
         ("env_throughput.py", ["--batched-n", "0"], "--batched-n takes positive sizes"),
         ("env_throughput.py", ["--families", "nope"], "unknown task family 'nope'"),
         ("env_throughput.py", ["--device", "cuda:99"], "'cuda:99' is not available"),
+        ("env_throughput.py", ["--families", "blobs_mlp", "--steps", "1", "--ppo-steps", "0",
+                               "--batched-family", "wine_mlp"], "--batched-family 'wine_mlp' is not batchable"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_timing(script, args, message):
     result = run(script, *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert result.stdout == ""  # nothing timed, no table started
+
+
+def test_env_throughput_refuses_a_local_family_without_its_data_before_any_timing(tmp_path):
+    env = {**os.environ, "LRCONTROL_DATA": str(tmp_path)}  # an empty root: no MNIST under it
+    result = run("env_throughput.py", "--families", "blobs_mlp,mnist_mlp", "--steps", "1", "--ppo-steps", "0", env=env)
+    assert result.returncode == 2 and "mnist_mlp: mnist: none of" in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+def test_env_throughput_runs_on_the_device_auto_resolves_to():
+    from envs import check_device
+
+    result = run("env_throughput.py", "--families", "", "--steps", "1", "--batched-n", "32", "--ppo-steps", "0",
+                 "--device", "auto")
+    assert result.returncode == 0, result.stderr
+    assert f"device {check_device('auto')})" in result.stdout
+    keys = [line.split()[0] for line in result.stdout.splitlines()[-2:]]
+    assert keys == ["batched_vs_separate_n32", "batched_vs_naive_n32"]
+
+
+def test_env_throughput_prints_the_ppo_steps_run_whole_rollouts_and_all(monkeypatch, capsys):
+    """SB3 runs whole rollouts of n_steps x n_envs env steps: the header names the steps run, not those asked."""
+    import gymnasium as gym
+    import torch
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    et = load("env_throughput.py", monkeypatch)
+    venv = DummyVecEnv([lambda: gym.make("CartPole-v1") for _ in range(32)])  # what SB3 does, on a cheap env
+    model = PPO("MlpPolicy", venv, n_steps=et.ppo_n_steps(32), batch_size=256, n_epochs=1, seed=0, device="cpu")
+    model.learn(total_timesteps=100)
+    assert model.num_timesteps == et.ppo_steps_run(100, 32) == 2048
+    assert et.ppo_steps_run(2048, 32) == 2048 and et.ppo_steps_run(2049, 32) == 4096
+
+    monkeypatch.setattr(et, "batched_row", lambda family, n, steps, device: (2.0, 1.0, 1.0))
+    monkeypatch.setattr(et, "ppo_env_steps_per_s", lambda batched, n_envs, steps, device: (
+        10.0, 1e6, 3, et.ppo_steps_run(steps, n_envs)))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # this process's threads stay as they are
+    monkeypatch.setattr(sys, "argv", ["env_throughput.py", "--families", "", "--batched-n", "32", "--ppo-steps", "100"])
+    et.main()
+    out = capsys.readouterr().out
+    assert "End-to-end PPO, 32 envs, 2048 env steps (100 asked, rounded up to whole PPO rollouts of 64 steps x 32 " \
+           "envs)" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("batched (", "per-env ("))]
+    assert len(rows) == 2 and all(row[-1] == "2048" for row in rows)

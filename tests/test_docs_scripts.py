@@ -17,6 +17,17 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(DOCS / script), *args], capture_output=True, text=True, timeout=300)
 
 
+def load(script: str, monkeypatch):
+    """A docs script imported in this process (its dataclasses look their module up in ``sys.modules``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(script).stem, DOCS / script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_history_plot_draws_a_real_run(tmp_path):
     out = tmp_path / "history.png"
     result = run("make_history_plot.py", "--out", str(out))
@@ -26,7 +37,8 @@ def test_history_plot_draws_a_real_run(tmp_path):
 
 def test_outside_suite_runs_every_schedule_and_the_oracle(tmp_path):
     out = tmp_path / "outside.json"
-    result = run("outside_suite.py", "--seeds", "1", "--scenarios", "iris_fullbatch", "--workers", "1", "--out", str(out))
+    result = run("outside_suite.py", "--seeds", "1", "--scenarios", "iris_fullbatch", "--workers", "1",
+                 "--out", str(out))
     assert result.returncode == 0, result.stderr
     records = json.loads(out.read_text())["records"]
     oracle = [r for r in records if r["multiplier"] < 0]
@@ -101,6 +113,97 @@ def test_a_docs_script_refuses_a_file_that_is_no_saved_run(tmp_path, script):
     bad.write_text('{"records": 1}')
     result = run(script, "--tables", str(bad))
     assert result.returncode == 2 and f"--tables: {bad} is no saved --out file (" in result.stderr
+
+
+@pytest.mark.parametrize("script, reason",
+                         [("outside_suite.py", "it holds no records"), ("tuned_start.py", "tuned_lr")])
+def test_a_docs_script_refuses_a_saved_file_it_cannot_tabulate(tmp_path, script, reason):
+    """An --out file of no runs, or (tuned_start) ``train_controller.py evaluate``'s evaluation.json: no tuned LR."""
+    from envs.evaluation import Evaluation, RunRecord
+
+    bad = tmp_path / "bad.json"
+    if script == "outside_suite.py":
+        bad.write_text(json.dumps({"seeds": 1, "ratio_cap": 10.0, "from_tuned": False, "records": []}))
+    else:
+        records = [RunRecord("blobs_mlp", 0, 1.0, s, lrs=[0.1], final_test=0.5, final_val=0.5, initial_test=2.0)
+                   for s in ("policy", "cosine")]
+        ev = Evaluation(["blobs_mlp"], 1, [1.0], ["policy", "cosine"], records, {"blobs_mlp/0": 0.4})
+        bad.write_text(json.dumps(ev.to_dict()))
+    result = run(script, "--tables", str(bad))
+    assert result.returncode == 2 and f"--tables: {bad} is no saved --out file (" in result.stderr, result.stderr
+    assert reason in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("script, args", [
+    ("outside_suite.py", ["--seeds", "1", "--scenarios", "iris_fullbatch", "--workers", "1"]),
+    ("tuned_start.py", ["--seeds", "1", "--families", "blobs_mlp", "--workers", "1"]),
+])
+@pytest.mark.parametrize("where", ["missing directory", "directory"])
+def test_a_docs_script_refuses_an_out_it_could_not_write_before_running_anything(tmp_path, script, args, where):
+    out = tmp_path / "missing" / "out.json" if where == "missing directory" else tmp_path
+    result = run(script, *args, "--out", str(out))
+    message = f"--out: the directory {out.parent} does not exist" if where == "missing directory" else (
+        f"--out: {out} is a directory")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert result.stdout == "" and "it/s" not in result.stderr and "run/s" not in result.stderr  # nothing ran
+
+
+def test_a_docs_script_runs_a_repeated_name_once(monkeypatch, capsys):
+    """``--scenarios a,a`` / ``--families a,a``: the runs of ``a`` once (the runs stand in here: no training)."""
+    from envs.evaluation import RunRecord
+
+    class Pool:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, fn, items):
+            return map(fn, items)
+
+    runs: list[tuple] = []
+
+    def fake_run(job):  # outside_suite: (scenario, seed, multiplier, schedule)
+        runs.append(job)
+        name, seed, m, s = job
+        return RunRecord(name, seed, m, s, lrs=[1e-3], final_test=1.0, final_val=1.0 + abs(m) / 10)
+
+    def fake_jobs(jobs, pool=None, progress=None):  # tuned_start: envs.evaluation.Job
+        runs.extend((j.task.family, j.seed_index, j.multiplier, j.schedule) for j in jobs)
+        return [RunRecord(j.task.family, j.seed_index, j.multiplier, j.schedule, lrs=[j.task.lr], final_test=1.0,
+                          final_val=1.0 + abs(j.multiplier) / 10) for j in jobs]
+
+    suite, tuned = load("outside_suite.py", monkeypatch), load("tuned_start.py", monkeypatch)
+    monkeypatch.setattr(suite, "run", fake_run)
+    monkeypatch.setattr(suite, "make_pool", lambda workers=None: Pool())
+    monkeypatch.setattr(tuned, "run_jobs", fake_jobs)
+    monkeypatch.setattr(tuned, "make_pool", lambda workers=None: Pool())
+    for module, option, name in ((suite, "--scenarios", "iris_fullbatch"), (tuned, "--families", "blobs_mlp")):
+        done, printed = [], []
+        for names in (name, f"{name},{name}"):
+            runs.clear()
+            monkeypatch.setattr(sys, "argv", ["x", "--seeds", "1", option, names])
+            module.main()
+            done.append(sorted(runs))
+            printed.append(capsys.readouterr().out)
+        assert done[0] == done[1], (option, len(done[0]), len(done[1]))
+        assert printed[0] == printed[1] and name in printed[0]  # tuned_start: the family's column once
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "1"], "--epochs must be >= 2, got 1"),
+    (["--lr", "0"], "--lr must be a positive finite number"),
+    (["--policy", "{tmp}/none.safetensors"], "--policy: policy file not found: {tmp}/none.safetensors"),
+    (["--out", "{tmp}/h.xyz"], "--out: cannot write a '.xyz' image; use one of"),
+    (["--out", "{tmp}"], "--out: {tmp} is a directory"),
+])
+def test_history_plot_refuses_bad_arguments_before_training(tmp_path, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "h.png")]  # never docs/lr_history.png
+    result = run("make_history_plot.py", *args, *out)
+    assert result.returncode == 2 and message.format(tmp=tmp_path) in result.stderr, result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("script, option", [("outside_suite.py", "--scenarios"), ("tuned_start.py", "--families")])
