@@ -951,10 +951,10 @@ def cli() -> None:
 
 
 @cli.command("train")
-@click.option("--timesteps", type=click.IntRange(min=1), default=_D.timesteps, help="Total PPO env steps (one step = one inner epoch).")
+@click.option("--timesteps", type=click.IntRange(min=1), default=_D.timesteps, help="Total PPO env steps (one step = one inner epoch), rounded up to whole rollouts of n-steps × n-envs.")
 @click.option("--n-envs", type=click.IntRange(min=1), default=_D.n_envs, help="Parallel env slots, shared between the MLP families (batched in-process) and the others (a subprocess per slot, each drawing from all of them).")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=_D.seed, help="Seed of PPO and of the task draws.")
-@click.option("--families", callback=_families, default=",".join(_D.families), help="Comma-separated train task families.")
+@click.option("--families", callback=_families, default=",".join(_D.families), help="Comma-separated train task families; 'train' or 'local' stands for that whole group.")
 @click.option("--epochs", callback=_epochs, default=None, metavar="MIN,MAX", help="Epoch budget range of the training episodes and of the periodic validation's tasks (one number: that budget). Default: each family's own (10-40; 10-30 for the recurrent and attention families and the local MLPs; 10-20 for moons_mlp and the local CNNs).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=_D.out, help="Output directory (checkpoints, state, exported policy).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI, e.g. http://127.0.0.1:5000. Default: sqlite:///./mlflow.db (no server).")
@@ -971,7 +971,7 @@ def cli() -> None:
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=_D.checkpoint_every, help="Env steps between checkpoints.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=_D.eval_every, help="Env steps between validation evaluations (0: only at the end).")
 @click.option("--eval-seeds", type=click.IntRange(min=1), default=_D.eval_seeds, help="Tasks per validation family and LR multiplier.")
-@click.option("--eval-families", callback=_families, default=",".join(_D.eval_families), help="Comma-separated validation families of the periodic evaluation.")
+@click.option("--eval-families", callback=_families, default=",".join(_D.eval_families), help="Comma-separated validation families of the periodic evaluation; 'validation' stands for that whole group.")
 @click.option("--device", default=_D.device, help='Device of the inner runs: cpu, cuda, cuda:N, or "auto" (CUDA when available).')
 @data_root_option
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
@@ -1047,7 +1047,7 @@ def export_command(source: Path, out: Path) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/evaluation"), help="Where the table, JSON and PNG go.")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI. Default: sqlite:///./mlflow.db.")
 @click.option("--experiment", default="lrcontrol-evaluation", help="MLflow experiment name.")
-@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1, help="Parallel inner runs.")
+@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default="one per CPU", help="Parallel inner runs.")
 @click.option("--device", default="cpu", help='Device of the inner runs: cpu, cuda, cuda:N, or "auto" (CUDA when available).')
 @data_root_option
 @click.option("--no-accuracy", is_flag=True, help="Give the policy no validation accuracy (as a training loop that "
