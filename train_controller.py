@@ -60,6 +60,7 @@ from envs import (  # noqa: E402
     local_data, resolve_device,
 )
 from envs.tasks import check_epoch_range  # noqa: E402
+from envs.tasks import check_local_data as _local_data_problems  # noqa: E402
 from envs.batched import make_vec_env as batched_vec_env  # noqa: E402
 from envs.evaluation import (  # noqa: E402
     BASELINES,
@@ -911,18 +912,12 @@ data_root_option = click.option(
 
 
 def check_local_data(families: Sequence[str]) -> None:
-    """Read the local datasets ``families`` need now, so that a missing or broken one is reported before any work
-    (all of them at once, and which local families could run)."""
-    problems, ready = [], []
-    for name in dict.fromkeys(f for f in families if f in LOCAL_FAMILIES):
-        try:
-            get_family(name).data()
-            ready.append(name)
-        except (FileNotFoundError, ValueError) as err:
-            problems.append(f"{name}: {err}")
-    if problems:
-        found = f"\n(found data for {', '.join(ready)})" if ready else ""
-        raise click.ClickException("\n".join(problems) + found)
+    """:func:`envs.check_local_data` as a ``click.ClickException``: missing or broken local data is reported before
+    any work."""
+    try:
+        _local_data_problems(families)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
 
 
 def _epochs(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:

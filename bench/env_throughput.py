@@ -61,6 +61,7 @@ from envs import (  # noqa: E402
     LRControlEnv,
     build_task,
     check_device,
+    check_local_data,
     get_family,
 )
 from envs.batched import (  # noqa: E402
@@ -224,19 +225,6 @@ def ppo_env_steps_per_s(batched: bool, n_envs: int, total_steps: int,
             model.num_timesteps)
 
 
-def check_local_data(parser: argparse.ArgumentParser, families: list[str]) -> None:
-    """Read the local datasets ``families`` need now (``envs.local_data``: a ``FileNotFoundError`` names what is
-    missing), so that missing data is an argument error before any timing, not a traceback after the table."""
-    problems = []
-    for name in dict.fromkeys(f for f in families if f in LOCAL_FAMILIES):
-        try:
-            get_family(name).data()
-        except (FileNotFoundError, ValueError) as err:
-            problems.append(f"{name}: {err}")
-    if problems:
-        parser.error("local data missing or unreadable:\n" + "\n".join(problems))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default=",".join(f for f in FAMILIES if f not in LOCAL_FAMILIES),
@@ -270,7 +258,10 @@ def main() -> None:
                      f"{', '.join(BATCHABLE_FAMILIES)}")
     if ns[0] < 1:
         parser.error(f"--batched-n takes positive sizes, got {args.batched_n!r}")
-    check_local_data(parser, [*families, args.batched_family])
+    try:  # read now: missing local data is an argument error before any timing, not a traceback after the table
+        check_local_data([*families, args.batched_family])
+    except ValueError as err:
+        parser.error(f"local data missing or unreadable:\n{err}")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.steps} steps\n")
     env_ms_all = []

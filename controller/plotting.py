@@ -25,6 +25,29 @@ def _finite(values: Sequence[Any]) -> list[float]:
     return [float(v) if v is not None and math.isfinite(v) else math.nan for v in values]
 
 
+def check_image_path(path: str | Path) -> tuple[Path, str]:
+    """``path`` (``~`` expanded) and the image format its suffix names, as :func:`plot_history` writes it: the
+    suffix, lower-cased, names the format; none is PNG.
+
+    Raises:
+        ValueError: ``path`` is a directory, or matplotlib has no writer for its suffix.
+        ImportError: matplotlib is not installed.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError("plot_history needs matplotlib: pip install matplotlib") from err
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a file path such as {path / 'lr_history.png'}")
+    image_format = path.suffix[1:].lower() or "png"
+    supported = Figure().canvas.get_supported_filetypes()
+    if image_format not in supported:
+        raise ValueError(f"cannot write a {path.suffix!r} image; use one of {', '.join('.' + k for k in sorted(supported))}")
+    return path, image_format
+
+
 def _history_figure(history: Any, title: str | None = None) -> Any:
     """The figure :func:`plot_history` saves (a ``matplotlib.figure.Figure``); tests read its data."""
     try:
@@ -99,14 +122,8 @@ def plot_history(history: Any, path: str | Path, *, title: str | None = None) ->
         >>> plot_history(scheduler.history, "lr_history.png", title="digits MLP, AdamW")
         PosixPath('lr_history.png')
     """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; give a file path such as {path / 'lr_history.png'}")
+    path, image_format = check_image_path(path)
     fig = _history_figure(history, title)
-    image_format = path.suffix[1:].lower() or "png"
-    supported = fig.canvas.get_supported_filetypes()
-    if image_format not in supported:
-        raise ValueError(f"cannot write a {path.suffix!r} image; use one of {', '.join('.' + k for k in sorted(supported))}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format=image_format)
     return path

@@ -25,6 +25,7 @@ from sklearn.datasets import load_digits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 from controller import PolicyScheduler, load_policy, plot_history  # noqa: E402
+from controller.plotting import check_image_path  # noqa: E402
 
 
 def run(policy: str | None, epochs: int, lr: float, seed: int) -> PolicyScheduler:
@@ -62,20 +63,6 @@ MIN_EPOCHS = 2
 LR of an epoch still to come."""
 
 
-def check_out(parser: argparse.ArgumentParser, out: Path) -> None:
-    """Refuse an ``--out`` :func:`plot_history` could not write: a directory, or a suffix matplotlib has no writer
-    for (``plot_history``'s own rule: the suffix, lower-cased, names the format; none is PNG)."""
-    from matplotlib.figure import Figure
-
-    out = out.expanduser()
-    if out.is_dir():
-        parser.error(f"--out: {out} is a directory; give a file path such as {out / 'lr_history.png'}")
-    supported = Figure().canvas.get_supported_filetypes()
-    if (out.suffix[1:].lower() or "png") not in supported:
-        parser.error(f"--out: cannot write a {out.suffix!r} image; use one of "
-                     f"{', '.join('.' + k for k in sorted(supported))}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default=None, help="policy file (default: the bundled default policy)")
@@ -90,7 +77,10 @@ def main() -> None:
         parser.error(f"--epochs must be >= {MIN_EPOCHS}, got {args.epochs}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         parser.error(f"--lr must be a positive finite number, got {args.lr}")
-    check_out(parser, args.out)
+    try:  # plot_history's own check, before the training rather than after it
+        check_image_path(args.out)
+    except ValueError as err:
+        parser.error(f"--out: {err}")
     try:
         placeholder = load_policy(args.policy).metadata.get("placeholder", False)
     except (OSError, ValueError) as err:  # no such file, or no policy file

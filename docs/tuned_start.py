@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from dataclasses import replace
@@ -38,6 +37,7 @@ from envs.evaluation import (  # noqa: E402
     oracle_losses,
     run_jobs,
 )
+from outside_suite import check_path  # noqa: E402  (this directory is the script's: sys.path[0])
 
 SCHEDULES = ("policy", "policy_capped", "constant", "cosine", "onecycle", "plateau")
 """``policy_capped``: the policy with ``max_lr`` = the tuned LR."""
@@ -64,7 +64,7 @@ def main() -> None:
             parser.error(f"--tables: {args.tables} is no saved --out file ({err})")
         print(table(ev))
         return
-    check_out(parser, args.out)
+    check_path(parser, "--out", args.out)
     families = list(dict.fromkeys(f.strip() for f in args.families.split(",") if f.strip()))  # each once
     if not families or (unknown := [f for f in families if f not in FAMILIES]):
         parser.error(f"--families: unknown {unknown if families else 'none given'}; known: {', '.join(FAMILIES)}")
@@ -93,20 +93,6 @@ def main() -> None:
     if args.out is not None:
         tuned_lrs = {f"{f}/{i}": r.lrs[0] for (f, i), r in tuned.items()}
         args.out.write_text(json.dumps({**ev.to_dict(), "tuned_lr": tuned_lrs}) + "\n")
-
-
-def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
-    """Refuse an ``--out`` that could not be written after the run: a directory, or a path in a missing or
-    read-only directory."""
-    if out is None:
-        return
-    if out.is_dir():
-        parser.error(f"--out: {out} is a directory; give a file path such as {out / 'tuned.json'}")
-    parent = out.parent
-    if not parent.is_dir():
-        parser.error(f"--out: the directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        parser.error(f"--out: the directory {parent} is not writable")
 
 
 def table(ev: Evaluation) -> str:

@@ -21,6 +21,7 @@ from envs.tasks import (
     TaskConfig,
     TaskFamily,
     build_task,
+    check_local_data,
     get_family,
 )
 
@@ -46,6 +47,7 @@ __all__ = [
     "TorchRun",
     "build_task",
     "check_device",
+    "check_local_data",
     "get_family",
     "resolve_device",
 ]

@@ -24,7 +24,7 @@ import functools
 import math
 import numbers
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -611,6 +611,25 @@ def get_family(name: str) -> TaskFamily:
         return FAMILIES[name]
     except KeyError:
         raise ValueError(f"unknown task family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def check_local_data(families: Sequence[str]) -> None:
+    """Read the local datasets ``families`` need now (:mod:`envs.local_data`), so that a missing or broken one is
+    reported before any work: all of them at once, and which local families could run.
+
+    Raises:
+        ValueError: some local family's data is missing or unreadable (each one named, with the reader's reason).
+    """
+    problems, ready = [], []
+    for name in dict.fromkeys(f for f in families if f in LOCAL_FAMILIES):
+        try:
+            get_family(name).data()
+            ready.append(name)
+        except (FileNotFoundError, ValueError) as err:
+            problems.append(f"{name}: {err}")
+    if problems:
+        found = f"\n(found data for {', '.join(ready)})" if ready else ""
+        raise ValueError("\n".join(problems) + found)
 
 
 @dataclass
