@@ -109,8 +109,10 @@ def test_non_finite_inputs_read_as_far_worse_and_leave_the_references_alone():
 def test_optimizer_kind():
     p = [torch.zeros(1, requires_grad=True)]
     assert optimizer_kind(torch.optim.SGD(p, lr=0.1)) == "sgd"
-    assert optimizer_kind(torch.optim.AdamW(p)) == "adam"
-    assert optimizer_kind(torch.optim.Adagrad(p)) == "other"
+    for adam_like in (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adamax):
+        assert optimizer_kind(adam_like(p)) == "adam", adam_like.__name__
+    for other in (torch.optim.Adagrad, torch.optim.RMSprop, torch.optim.Adadelta, torch.optim.Rprop):
+        assert optimizer_kind(other(p)) == "other", other.__name__
 
     class MyAdamW(torch.optim.AdamW):  # a subclass is of its base's kind
         pass
@@ -420,6 +422,9 @@ def test_action_map_and_safety_rule():
     assert cut and lr == pytest.approx(1e-3 * cfg.cut_factor)
     lr, cut = next_lr(1e-3, 1e-3, 0.0, val_loss=math.nan, best_val_loss=1.0, config=cfg)
     assert cut and lr == pytest.approx(2.5e-4)
+    wide = ActionConfig(scale=3.0)  # a policy's own move below the cut (x1/8 < x1/4) is kept: the cut is a ceiling
+    lr, cut = next_lr(1e-3, 1e-3, -1.0, val_loss=3.0, best_val_loss=1.0, config=wide)
+    assert cut and lr == pytest.approx(1e-3 / 8)
     lr, _ = next_lr(1e-3 * cfg.max_ratio, 1e-3, 1.0, val_loss=1.0, best_val_loss=1.0, config=cfg)
     assert lr == pytest.approx(1e-3 * cfg.max_ratio)
     lr, _ = next_lr(1e-3 * cfg.min_ratio, 1e-3, -1.0, val_loss=1.0, best_val_loss=1.0, config=cfg)
@@ -463,6 +468,38 @@ def test_every_feature_pinned_by_hand():
     assert obs == pytest.approx(want, rel=1e-6, abs=1e-6)
     later = fb.observe(epoch=3, lr=0.8, train_loss=1.0, val_loss=1.0)
     assert later[FEATURE_NAMES.index("log_val_rel_best")] == 0.0  # a new best
+
+
+def test_unobserved_signals_read_as_zero():
+    """A value that has not been observed is 0 (the module's contract): no hook statistics at all (a run with no
+    optimizer step), a probe-less epoch (grad_cos and the update ratio NaN) and no validation accuracy."""
+    hook_features = ["log_grad_norm_rel_first", "grad_norm_cv", "grad_norm_trend", "log10_update_ratio", "grad_cos",
+                     "log10_steps"]
+    fb = FeatureBuilder(total_epochs=4, initial_lr=0.1, optimizer="sgd")
+    obs = dict(zip(FEATURE_NAMES, fb.observe(epoch=1, lr=0.1, train_loss=2.0, val_loss=2.0)))
+    assert {k: obs[k] for k in [*hook_features, "val_accuracy", "has_accuracy"]} == dict.fromkeys(
+        [*hook_features, "val_accuracy", "has_accuracy"], 0.0)
+    no_probe = StepStats(100, 2.0, 0.5, 0.1, math.nan, math.nan)
+    obs = dict(zip(FEATURE_NAMES, fb.observe(epoch=2, lr=0.1, train_loss=1.0, val_loss=1.0, stats=no_probe)))
+    assert (obs["grad_cos"], obs["log10_update_ratio"]) == (0.0, 0.0)
+    assert obs["grad_norm_cv"] == pytest.approx(0.5) and obs["log10_steps"] == pytest.approx(1.0)
+
+
+def test_each_reference_loss_is_its_own():
+    """Later in a run the first, best and previous values differ, and each feature reads its own one (in the test
+    above, at epoch 2, the first and the previous losses are the same values)."""
+    fb = FeatureBuilder(total_epochs=10, initial_lr=0.1, optimizer="adam")
+    # val: 2.0 (first), 1.0 (best), 1.5 (previous); train: 3.0 (first), 2.0, 1.6 (previous); grad norm 2.0 first
+    for epoch, (train, val, norm) in enumerate([(3.0, 2.0, 2.0), (2.0, 1.0, 4.0), (1.6, 1.5, 8.0)], start=1):
+        fb.observe(epoch=epoch, lr=0.1, train_loss=train, val_loss=val, stats=StepStats(10, norm, 0.1, 0.0, 1e-3, 0.0))
+    obs = dict(zip(FEATURE_NAMES, fb.observe(epoch=4, lr=0.1, train_loss=1.2, val_loss=1.8,
+                                            stats=StepStats(10, 6.0, 0.1, 0.0, 1e-3, 0.0))))
+    want = {"log_train_rel_first": math.log(1.2 / 3.0) / 2, "log_val_rel_first": math.log(1.8 / 2.0) / 2,
+            "log_val_rel_best": 2 * math.log(1.8 / 1.0), "log_val_over_train": math.log(1.8 / 1.2),
+            "dlog_train": 5 * math.log(1.2 / 1.6), "dlog_val": 5 * math.log(1.8 / 1.5),
+            "log_grad_norm_rel_first": math.log(6.0 / 2.0) / 2}
+    assert {k: obs[k] for k in want} == pytest.approx(want, rel=1e-6)
+    assert (fb.last_val, fb.best_before_last, fb.best_val) == (1.8, 1.0, 1.0)  # what the safety rule reads
 
 
 def test_hook_state_round_trip_keeps_the_sampling_schedule():
