@@ -392,6 +392,21 @@ def test_hook_watches_a_parameter_frozen_when_it_was_built_once_it_trains():
     assert hook.collect().grad_norm_mean == pytest.approx(math.sqrt(3 * 9 + 2 * 16))
 
 
+def test_hook_skips_a_probe_pair_whose_steps_trained_different_parameters():
+    """A cosine between one parameter's gradient and another's means nothing: a pair whose two steps have gradients
+    on different parameters (here of the same size, so nothing else would notice) gives no probe sample."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([a, b], lr=0.1)
+    hook = StepStatsHook(opt)
+    for p, scale in ((a, 2.0), (b, 3.0)):  # step 0 starts a probe pair on a, step 1 ends it on b
+        opt.zero_grad(set_to_none=True)
+        (scale * p.sum()).backward()
+        opt.step()
+    stats = hook.collect()
+    assert stats.steps == 2 and stats.grad_norm_mean == pytest.approx((2 + 3) * math.sqrt(3) / 2)
+    assert math.isnan(stats.grad_cos) and math.isnan(stats.update_ratio)
+
+
 def test_summarize_grad_norms_by_hand():
     mean, cv, trend = summarize_grad_norms([1.0, 3.0, 2.0, 6.0])
     assert mean == pytest.approx(3.0)
