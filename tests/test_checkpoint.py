@@ -32,7 +32,10 @@ def test_round_trip_keeps_outputs_and_metadata(tmp_path):
     assert loaded.action_config == cfg
     assert loaded.metadata["training"] == {"steps": 3}
     assert read_metadata(path)["feature_names"] == list(FEATURE_NAMES)
+    assert read_metadata(path)["description"] == "test" and read_metadata(path)["placeholder"] is False
     assert path.stat().st_size < 64 * 1024
+    marked = save_policy(tmp_path / "placeholder.safetensors", net, placeholder=True)  # the label users are shown
+    assert load_policy(marked).metadata["placeholder"] is True
 
 
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
@@ -94,6 +97,7 @@ def test_any_header_length_loads(tmp_path):
 def test_bundled_default_policy_loads():
     net = load_policy()
     assert net.metadata["feature_names"] == list(FEATURE_NAMES)
+    assert net.metadata["placeholder"] is False  # a trained policy ships, not the placeholder
     assert default_policy_path().is_file()
 
 
