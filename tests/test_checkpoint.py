@@ -27,6 +27,7 @@ def test_round_trip_keeps_outputs_and_metadata(tmp_path):
     cfg = ActionConfig(scale=0.5, max_ratio=32.0)
     path = save_policy(tmp_path / "p.safetensors", net, action_config=cfg, description="test", training={"steps": 3})
     loaded = load_policy(path)
+    assert not loaded.training  # in eval mode, as documented
     obs = torch.randn(64, N_FEATURES) * 3
     torch.testing.assert_close(loaded(obs), net(obs))
     assert loaded.action_config == cfg
