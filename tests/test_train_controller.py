@@ -847,6 +847,25 @@ def test_ratio_counts_divergence_on_either_side():
     assert ratio_to(0.1, 0.0) == RATIO_CAP and ratio_to(0.0, 0.0) == 1.0 and ratio_to(0.0, 0.5) == 1 / RATIO_CAP
 
 
+def test_scores_by_hand_geomean_over_tasks_then_mean_and_population_std_over_seeds():
+    """The model card's cells: per seed the geometric mean of the tasks' ratios to the oracle, then the mean and the
+    population std over seeds; failures count only on tasks where cosine at the same LR had neither failure."""
+    from envs.evaluation import Evaluation, RunRecord
+
+    oracle = {"a/0": 1.0, "b/0": 0.25, "a/1": 1.0, "b/1": 0.25}
+    # policy ratios: seed 0: 2 and 8 (geomean 4), seed 1: 1 and 4 (geomean 2); initial test losses make a/0 and a/1
+    # blow-ups (final above the untrained model's), of which only a/1 counts: cosine blew up on a/0 too
+    policy = {("a", 0): (2.0, 1.5), ("b", 0): (2.0, 3.0), ("a", 1): (1.0, 0.5), ("b", 1): (1.0, 3.0)}
+    cosine = {("a", 0): (3.0, 2.0), ("b", 0): (0.5, 3.0), ("a", 1): (1.0, 2.0), ("b", 1): (0.5, 3.0)}
+    records = [RunRecord(f, s, 1.0, name, final_test=final, initial_test=initial)
+               for name, runs in (("policy", policy), ("cosine", cosine)) for (f, s), (final, initial) in runs.items()]
+    ev = Evaluation(["a", "b"], 2, [1.0], ["policy", "cosine"], records, oracle)
+    assert ev.aggregate("policy", 1.0) == pytest.approx((3.0, 1.0))  # mean of 4 and 2; population std 1
+    assert ev.aggregate("policy", 1.0, "a") == pytest.approx((1.5, 0.5))  # one task per seed: ratios 2 and 1
+    assert ev.failures("policy") == {"diverged": 0, "blew_up": 1, "tasks": 3}
+    assert ev.failures("cosine") == {"diverged": 0, "blew_up": 0, "tasks": 3}
+
+
 def test_the_oracle_is_the_best_finite_grid_run_of_each_task():
     from envs.evaluation import RunRecord, oracle_losses
 
