@@ -282,6 +282,20 @@ def test_episode_applies_the_safety_rule():
     assert episode.decide(task.lr, 1.0) == pytest.approx(task.lr) and not episode.cut
 
 
+def test_info_reports_non_finite_values_as_inf_and_no_accuracy_as_minus_one():
+    """info stays comparable across seeded runs (NaN != NaN): a NaN loss or an unobserved gradient norm reads inf."""
+    from envs.inner import EpochResult
+    from envs.lr_env import Episode
+    from controller.signals import StepStats
+
+    task = get_family("diabetes_mlp").default_task(seed=0)
+    episode = Episode(task, EnvConfig(families=("diabetes_mlp",)))
+    _, info = episode.start(5.0, EpochResult(math.nan, math.inf, None, StepStats.empty()), task.lr)
+    assert info["diverged"]
+    assert (info["train_loss"], info["val_loss"], info["grad_norm"], info["val_accuracy"]) == (
+        math.inf, math.inf, math.inf, -1.0)
+
+
 def test_a_validation_loss_of_exactly_zero_is_a_finite_reward():
     """A classifier that gets every validation sample right by a wide margin reaches a float32 loss of 0 (wine at a
     high LR does): the reward takes the log of it, and must stay finite rather than raise."""
