@@ -927,6 +927,10 @@ def test_selection_and_evaluation_tasks_differ_and_families_are_independent():
     assert a == evaluation_tasks("diabetes_mlp", 3, 1.0)
     assert [t.seed for t in a] != [t.seed for t in evaluation_tasks("diabetes_mlp", 3, 1.0, SELECTION_SEED)]
     assert [t.with_lr(1.0) for t in evaluation_tasks("diabetes_mlp", 3, 10.0)] == [t.with_lr(1.0) for t in a]
+    # training's periodic validation (which picks the shipped checkpoint) draws from the selection seeds
+    cfg = tc.TrainConfig(**{**TINY, "eval_families": ("diabetes_mlp",), "eval_seeds": 3})
+    picked = [t for family, i, m, t in tc.Validator(cfg).tasks if m == 1.0]
+    assert picked == evaluation_tasks("diabetes_mlp", 3, 1.0, SELECTION_SEED) and picked != a
     draws = {f: [(t.optimizer, t.epochs) for t in evaluation_tasks(f, 6, 1.0)] for f in ("blobs_mlp", "diabetes_mlp")}
     assert draws["blobs_mlp"] != draws["diabetes_mlp"]
 
