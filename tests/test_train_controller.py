@@ -866,6 +866,33 @@ def test_scores_by_hand_geomean_over_tasks_then_mean_and_population_std_over_see
     assert ev.failures("cosine") == {"diverged": 0, "blew_up": 0, "tasks": 3}
 
 
+def test_baselines_run_the_schedules_the_readme_names():
+    """Each epoch's LR under each baseline, by hand: cosine to 0 over the budget, step decay x0.1 at 50 % and 75 %,
+    ReduceLROnPlateau with patience 2 and factor 0.5 (replayed from the run's own validation losses), OneCycle
+    peaking at the initial LR."""
+    from envs.evaluation import run_schedule
+    from envs.tasks import get_family
+
+    task = dataclasses.replace(get_family("diabetes_mlp").default_task(seed=0), epochs=8)
+    lr0 = task.lr
+    runs = {name: run_schedule(task, name) for name in ("constant", "cosine", "step", "plateau", "onecycle")}
+    assert runs["constant"].lrs == pytest.approx([lr0] * 8)
+    assert runs["cosine"].lrs == pytest.approx([lr0 * (1 + math.cos(math.pi * e / 8)) / 2 for e in range(8)])
+    assert runs["step"].lrs == pytest.approx([lr0] * 4 + [lr0 / 10] * 2 + [lr0 / 100] * 2)
+    lr, best, bad, want = lr0, math.inf, 0, []
+    for val in runs["plateau"].val_losses:
+        want.append(lr)
+        if val < best * (1 - 1e-4):
+            best, bad = val, 0
+        else:
+            bad += 1
+        if bad > 2:
+            lr, bad = lr * 0.5, 0
+    assert runs["plateau"].lrs == pytest.approx(want)
+    onecycle = runs["onecycle"].lrs
+    assert onecycle[0] == pytest.approx(lr0 / 25) and max(onecycle) <= lr0 * (1 + 1e-9) and onecycle[-1] < onecycle[3]
+
+
 def test_the_oracle_is_the_best_finite_grid_run_of_each_task():
     from envs.evaluation import RunRecord, oracle_losses
 
