@@ -893,6 +893,27 @@ def test_baselines_run_the_schedules_the_readme_names():
     assert onecycle[0] == pytest.approx(lr0 / 25) and max(onecycle) <= lr0 * (1 + 1e-9) and onecycle[-1] < onecycle[3]
 
 
+def test_the_protocol_scores_test_losses_against_cosine_over_the_documented_grid():
+    """evaluate_policy end to end, by hand: a record's final_test is the test split's loss of the trained model (not
+    the validation loss), and the oracle is the best test loss of cosine annealing over x1/27 ... x27."""
+    from envs.evaluation import evaluate_policy, evaluation_tasks, run_schedule
+    from envs.inner import TorchRun
+
+    ev = evaluate_policy(None, ["diabetes_mlp"], seeds=1, multipliers=[1.0], baselines=["constant"], epochs=(3, 3))
+    (record,) = ev.records
+    task = evaluation_tasks("diabetes_mlp", 1, 1.0, epochs=(3, 3))[0]
+    run = TorchRun(task, hook=False)  # the same seeded run, by hand
+    run.evaluate("test")
+    for _ in range(task.epochs):
+        run.train_epoch()
+        run.evaluate("val")
+    assert record.final_test == run.evaluate("test")[0] and record.final_val == run.evaluate("val")[0]
+    grid = [3.0**k for k in range(-3, 4)]
+    oracle = min(run_schedule(evaluation_tasks("diabetes_mlp", 1, m, epochs=(3, 3))[0], "cosine").final_test
+                 for m in grid)
+    assert ev.oracle == {"diabetes_mlp/0": oracle} and ev.to_dict()["protocol"]["oracle_grid"] == pytest.approx(grid)
+
+
 def test_the_oracle_is_the_best_finite_grid_run_of_each_task():
     from envs.evaluation import RunRecord, oracle_losses
 
