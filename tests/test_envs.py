@@ -6,6 +6,7 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
@@ -206,14 +207,15 @@ def test_bad_reset_options_and_config_are_refused():
         env.step(np.zeros(1, dtype=np.float32))
 
 
-def test_budget_is_terminal_for_rl_training():
-    env = make_env("breast_cancer_mlp", budget_is_terminal=True)
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_budget_ends_an_episode_terminated_for_rl_training_else_truncated(terminal):
+    env = make_env("breast_cancer_mlp", budget_is_terminal=terminal)
     env.reset(seed=0)
     done = False
     while not done:
         _, _, terminated, truncated, info = env.step(np.zeros(1, dtype=np.float32))
-        assert not truncated
-        done = terminated
+        assert (terminated, truncated) in ((False, False), (terminal, not terminal))
+        done = terminated or truncated
     assert info["epoch"] == env.episode.task.epochs and not info["diverged"]
     with pytest.raises(RuntimeError, match=r"used its budget of \d+ epochs.*call reset\(\)"):
         env.step(np.zeros(1, dtype=np.float32))  # an epoch past the budget would read progress > 1
@@ -398,3 +400,14 @@ def test_a_feature_constant_in_training_is_zero_in_every_split():
     assert splits.x_train.flatten().tolist() == pytest.approx([-1.0, 0.0, 1.0, 0.0], rel=1e-5)
     assert splits.x_val.flatten().tolist() == splits.x_test.flatten().tolist() == pytest.approx([1.0, 0.0], rel=1e-5)
 
+
+
+def test_torch_run_set_lr_scales_every_param_group_by_the_first_groups_factor():
+    """The env's action moves the first group's LR; other groups (none in the bundled families, any in a user's task)
+    keep their ratio to it, as PolicyScheduler keeps them."""
+    run = TorchRun(get_family("diabetes_mlp").default_task(seed=0), hook=False)
+    lr = run.lr
+    run.task.optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr / 10})
+    run.set_lr(4 * lr)
+    assert [g["lr"] for g in run.task.optimizer.param_groups] == pytest.approx([4 * lr, 0.4 * lr])
+    assert run.lr == pytest.approx(4 * lr)
