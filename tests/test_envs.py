@@ -401,7 +401,6 @@ def test_a_feature_constant_in_training_is_zero_in_every_split():
     assert splits.x_val.flatten().tolist() == splits.x_test.flatten().tolist() == pytest.approx([1.0, 0.0], rel=1e-5)
 
 
-
 def test_torch_run_set_lr_scales_every_param_group_by_the_first_groups_factor():
     """The env's action moves the first group's LR; other groups (none in the bundled families, any in a user's task)
     keep their ratio to it, as PolicyScheduler keeps them."""
