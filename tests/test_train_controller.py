@@ -847,6 +847,25 @@ def test_ratio_counts_divergence_on_either_side():
     assert ratio_to(0.1, 0.0) == RATIO_CAP and ratio_to(0.0, 0.0) == 1.0 and ratio_to(0.0, 0.5) == 1 / RATIO_CAP
 
 
+def test_validation_counts_the_policy_runs_that_diverged_and_scores_each_as_ten_times_worse():
+    from controller import N_FEATURES, PolicyNet
+    from envs.evaluation import RATIO_CAP
+
+    always_up = PolicyNet(N_FEATURES, hidden=(4,))  # a = +1 at every decision: the LR keeps rising
+    with torch.no_grad():
+        for p in always_up.parameters():
+            p.zero_()
+        always_up.action_net.bias.fill_(5.0)
+    cfg = tc.TrainConfig(**{**TINY, "eval_families": ("teacher_mlp",), "eval_seeds": 2, "epochs": (4, 4)})
+    score, metrics, policy, cosine = tc.Validator(cfg)(always_up.eval())
+    diverged = [p.diverged for p in policy]
+    assert not any(c.diverged for c in cosine) and 0 < sum(diverged) < len(diverged), diverged  # both kinds of run
+    assert metrics["val/diverged"] == sum(diverged)
+    by_hand = [RATIO_CAP if p.diverged else min(max(p.final_val / c.final_val, 1 / RATIO_CAP), RATIO_CAP)
+               for p, c in zip(policy, cosine)]
+    assert score == metrics["val/ratio_vs_cosine"] == pytest.approx(math.prod(by_hand) ** (1 / len(by_hand)))
+
+
 def test_scores_by_hand_geomean_over_tasks_then_mean_and_population_std_over_seeds():
     """The model card's cells: per seed the geometric mean of the tasks' ratios to the oracle, then the mean and the
     population std over seeds; failures count only on tasks where cosine at the same LR had neither failure."""
@@ -1058,6 +1077,31 @@ def test_resuming_a_finished_run_does_nothing_unless_given_more_timesteps(tmp_pa
     assert result.exit_code == 0 and "finished at step 192" in result.output  # the new total, not the first
     status, _, best_logged, versions = logged()
     assert (status, best_logged, versions) == ("FINISHED", 2, 2)
+
+
+def test_checkpoints_keep_their_cadence_across_a_resume_and_only_the_last_two_stay(tmp_path, monkeypatch):
+    saved_at: list[int] = []
+    save = tc.TrainingCallback.checkpoint
+
+    def recording(self):  # the real checkpoint, with the step it was taken at noted down
+        saved_at.append(self.model.num_timesteps)
+        save(self)
+
+    monkeypatch.setattr(tc.TrainingCallback, "checkpoint", recording)
+    out = tmp_path / "run"
+    cfg = tc.TrainConfig(**{**TINY, "checkpoint_every": 48}, out=str(out), tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                         registered_model="")
+
+    def kept() -> list[str]:
+        return sorted(p.name for p in (out / tc.CHECKPOINT_DIR).iterdir())
+
+    tc.train(cfg, show_progress=False)
+    assert saved_at == [48, 96, 128]  # every 48 steps, then the end
+    assert kept() == ["step_000000096.zip", "step_000000128.zip"]
+    saved_at.clear()
+    tc.train(dataclasses.replace(cfg, timesteps=256), resume=True, show_progress=False)
+    assert saved_at == [144, 192, 240, 256]  # from 128 on: the multiples of 48, not 128 + 48k
+    assert kept() == ["step_000000240.zip", "step_000000256.zip"]
 
 
 def test_evaluate_no_accuracy_gives_the_policy_only_the_losses(tmp_path):
