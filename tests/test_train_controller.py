@@ -1079,15 +1079,30 @@ def test_resuming_a_finished_run_does_nothing_unless_given_more_timesteps(tmp_pa
     assert (status, best_logged, versions) == ("FINISHED", 2, 2)
 
 
-def test_checkpoints_keep_their_cadence_across_a_resume_and_only_the_last_two_stay(tmp_path, monkeypatch):
+def test_a_resume_keeps_the_checkpoint_cadence_and_draws_fresh_tasks_and_only_the_last_two_checkpoints_stay(
+        tmp_path, monkeypatch):
     saved_at: list[int] = []
-    save = tc.TrainingCallback.checkpoint
+    first_tasks: list[list] = []  # each learn()'s first tasks, as its reset drew them
+    save, make_vec_env = tc.TrainingCallback.checkpoint, tc.make_vec_env
 
     def recording(self):  # the real checkpoint, with the step it was taken at noted down
         saved_at.append(self.model.num_timesteps)
         save(self)
 
+    def noting_first_tasks(cfg):
+        venv = make_vec_env(cfg)
+        reset = venv.reset
+
+        def noting_reset():
+            obs = reset()
+            first_tasks.append([episode.task for episode in venv.get_attr("episode")])
+            return obs
+
+        venv.reset = noting_reset
+        return venv
+
     monkeypatch.setattr(tc.TrainingCallback, "checkpoint", recording)
+    monkeypatch.setattr(tc, "make_vec_env", noting_first_tasks)
     out = tmp_path / "run"
     cfg = tc.TrainConfig(**{**TINY, "checkpoint_every": 48}, out=str(out), tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
                          registered_model="")
@@ -1102,6 +1117,7 @@ def test_checkpoints_keep_their_cadence_across_a_resume_and_only_the_last_two_st
     tc.train(dataclasses.replace(cfg, timesteps=256), resume=True, show_progress=False)
     assert saved_at == [144, 192, 240, 256]  # from 128 on: the multiples of 48, not 128 + 48k
     assert kept() == ["step_000000240.zip", "step_000000256.zip"]
+    assert len(first_tasks) == 2 and first_tasks[1] != first_tasks[0]  # the resume does not replay the first tasks
 
 
 def test_evaluate_no_accuracy_gives_the_policy_only_the_losses(tmp_path):
