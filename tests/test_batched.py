@@ -187,6 +187,27 @@ def test_replaced_run_matches_a_fresh_torch_run(optimizer_impl):
     assert got[0].stats.steps == 94
 
 
+def test_evaluations_in_chunks_report_the_one_pass_loss_and_accuracy(monkeypatch):
+    """Validation and test passes run in chunks of EVAL_CHUNK samples (a local family's 10 000 test images make
+    three); bundled splits fit in one. With chunks of 97 samples, both runs still report the one-pass numbers."""
+    import envs.batched
+    import envs.inner
+
+    tasks = [small_task("digits_mlp", o, seed=i) for i, o in enumerate(OPTIMIZERS)]
+    batch, refs = BatchedMLPRun(tasks), [TorchRun(t) for t in tasks]
+    batch.run_epoch()
+    for ref in refs:
+        ref.run_epoch()
+    one_pass = {split: [ref.evaluate(split) for ref in refs] for split in ("val", "test")}
+    assert len(get_family("digits_mlp").data().x_val) > 3 * 97  # several chunks, the last one partial
+    monkeypatch.setattr(envs.inner, "EVAL_CHUNK", 97)
+    monkeypatch.setattr(envs.batched, "EVAL_CHUNK", 97)
+    for split, want in one_pass.items():
+        for got in ([ref.evaluate(split) for ref in refs], batch.evaluate(split)):
+            for g, w in zip(got, want, strict=True):
+                assert_same_evaluation(g, w)
+
+
 def test_one_diverging_run_leaves_the_others_untouched():
     """A run blown up to NaN by a huge LR: the other runs' numbers stay those of unbatched runs."""
     base = small_task("digits_mlp", "sgd")
