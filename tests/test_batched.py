@@ -95,6 +95,8 @@ def test_batchable_families_are_exactly_the_mlp_families():
                 BatchedMLPRun([task])
     assert {"digits_mlp", "friedman_mlp", "breast_cancer_mlp", "teacher_mlp", "mnist1d_mlp", "diabetes_mlp",
             "blobs_mlp", "mnist_mlp", "fashion_mnist_mlp", "kmnist_mlp", "cifar10_mlp"} == set(BATCHABLE_FAMILIES)
+    with pytest.raises(ValueError, match="unknown task family 'digits_mpl'"):  # named, not silently unbatchable
+        is_batchable("digits_mpl")
 
 
 def test_runs_of_different_shapes_are_refused():
@@ -273,6 +275,9 @@ def test_vec_env_steps_like_separate_envs_and_auto_resets_at_the_budget(reward):
     for i, (_, ref_obs, ref_info) in enumerate(refs):
         np.testing.assert_allclose(obs[i], ref_obs, atol=1e-4)
         assert venv.reset_infos[i]["lr"] == ref_info["lr"]
+    # the untrained model's validation loss, the reference a later blow-up is measured against
+    initial = [episode.initial_val for episode in venv.get_attr("episode")]
+    assert initial == pytest.approx([env.episode.initial_val for env, _, _ in refs], rel=1e-5)
     rng = np.random.default_rng(0)
     for step in range(1, 4):
         actions = rng.uniform(-1, 1, size=(3, 1)).astype(np.float32)
@@ -296,6 +301,8 @@ def test_vec_env_steps_like_separate_envs_and_auto_resets_at_the_budget(reward):
                 np.testing.assert_allclose(obs[i], ref_obs, atol=1e-4)
                 assert "terminal_observation" not in infos[i]
     assert dones.tolist() == [False, False, False] and venv.get_attr("episode", 1)[0].epoch == 2
+    for got, (env, _, _) in zip(venv.env_method("test_loss", indices=[0, 2]), (refs[0], refs[2])):
+        assert_same_evaluation(got, env.test_loss())  # the test split, as LRControlEnv reads it
 
 
 def test_forced_divergence_ends_one_slot_and_leaves_the_others_alone():
@@ -406,6 +413,22 @@ def test_seeded_reset_is_reproducible():
         np.testing.assert_array_equal(x, y)
 
 
+def test_vec_env_draws_tasks_as_reset_options_and_the_epoch_range_say():
+    fam = get_family("diabetes_mlp")  # in no family list of the config: only the reset option can draw it
+    config = EnvConfig(families=("digits_mlp", "friedman_mlp", "breast_cancer_mlp", "teacher_mlp"), epochs=(3, 3))
+    venv = LRControlVecEnv(3, config, BatchConfig(reshape_every=None))
+    venv.seed(0)
+    venv.set_options({"family": "diabetes_mlp", "lr_multiplier": 10.0})
+    venv.reset()
+    tasks = [episode.task for episode in venv.get_attr("episode")]
+    assert [t.family for t in tasks] == ["diabetes_mlp"] * 3 and [t.epochs for t in tasks] == [3] * 3
+    assert [t.lr for t in tasks] == pytest.approx([10.0 * fam.default_lr(t.optimizer) for t in tasks], rel=1e-12)
+    for _ in range(2):  # the 3-epoch budget ends every episode: the slots' next tasks keep the range
+        venv.step(np.zeros(3, dtype=np.float32))
+    fresh = [episode.task for episode in venv.get_attr("episode")]
+    assert all(t not in tasks for t in fresh) and [t.epochs for t in fresh] == [3] * 3
+
+
 def test_vec_env_api_and_refusals():
     assert LRControlVecEnv(1).config.families == ("digits_mlp", "friedman_mlp", "breast_cancer_mlp", "teacher_mlp")
     # the family's default LR and a seed: a task drawn at a random LR can diverge in its first epoch (a NaN
@@ -463,6 +486,17 @@ def test_make_vec_env_batches_what_it_can():
     both = mixed.env_method("test_loss", indices=[3, 0])
     assert both == [mixed.env_method("test_loss", indices=[3])[0], mixed.env_method("test_loss", indices=[0])[0]]
     assert both[0][1] is not None and math.isfinite(both[1][0])
+
+
+def test_concatenated_vec_envs_seed_their_slots_as_one_vec_env_would():
+    config = EnvConfig(families=("breast_cancer_mlp", "diabetes_mlp"))
+    make = lambda n: DummyVecEnv([lambda: LRControlEnv(config)] * n)  # noqa: E731
+    one, halves = make(4), ConcatVecEnv([make(2), make(2)])
+    for venv in (one, halves):
+        venv.seed(5)
+        venv.reset()
+    tasks = [episode.task for episode in one.get_attr("episode")]
+    assert len(set(tasks)) == 4 and [episode.task for episode in halves.get_attr("episode")] == tasks
 
 
 def test_ppo_learns_on_the_batched_vec_env():
