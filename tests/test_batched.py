@@ -262,12 +262,13 @@ def reference_env(task, config):
     return env, obs, info
 
 
-@pytest.mark.parametrize("reward", ["log_val", "vs_cosine"])
-def test_vec_env_steps_like_separate_envs_and_auto_resets_at_the_budget(reward):
+@pytest.mark.parametrize("reward, runs_per_batch", [("log_val", None), ("vs_cosine", None), ("log_val", 2)],
+                         ids=["log_val", "vs_cosine", "two-batches"])
+def test_vec_env_steps_like_separate_envs_and_auto_resets_at_the_budget(reward, runs_per_batch):
     """Same tasks and actions: the slots' observations, rewards and ends are LRControlEnv's."""
     config = EnvConfig(families=("breast_cancer_mlp",), reward=reward)
     tasks = shaped_tasks()
-    venv = LRControlVecEnv(3, config, BatchConfig(reshape_every=None))
+    venv = LRControlVecEnv(3, config, BatchConfig(runs_per_batch=runs_per_batch, reshape_every=None))
     venv.set_options([{"task": t} for t in tasks])
     venv.seed(0)
     obs = venv.reset()
