@@ -476,6 +476,10 @@ def test_hf_epoch_strategy_decides_once_per_evaluation(tmp_path, policy_path):
     assert scheduler.get_last_lr()[0] == scheduler.history[-1]["lr"]
     # the Trainer logs the LR its optimizer steps ran with
     assert [log["learning_rate"] for log in train_logs] == [lrs[3], lrs[7], lrs[11]]
+    # an evaluation outside train() decides nothing
+    decided, lr = list(scheduler.history), scheduler.get_last_lr()
+    trainer.evaluate()
+    assert scheduler.history == decided and scheduler.get_last_lr() == lr
 
 
 def test_hf_steps_strategy_decides_at_each_evaluation_with_the_mean_logged_loss(tmp_path, policy_path):
@@ -553,8 +557,10 @@ def test_hf_plans_epoch_evaluations_without_counting_them_one_by_one():
     "overrides, evaluated_at",
     [({"eval_delay": 2}, [8, 12, 16]),  # epochs 2, 3 and 4
      ({"eval_strategy": "steps", "eval_steps": 5, "eval_delay": 6, "logging_strategy": "steps", "logging_steps": 1},
-      [10, 15, 16])],  # every 5th step from step 6 on, and the last step
-    ids=["epoch", "steps"],
+      [10, 15, 16]),  # every 5th step from step 6 on, and the last step
+     ({"eval_strategy": "steps", "eval_steps": 5, "eval_delay": 5, "logging_strategy": "steps", "logging_steps": 1},
+      [5, 10, 15, 16])],  # a delay on the grid: that step evaluates
+    ids=["epoch", "steps", "steps-delay-on-the-grid"],
 )
 def test_hf_plans_and_decides_only_the_evaluations_after_eval_delay(tmp_path, policy_path, overrides, evaluated_at):
     trainer, lrs, scheduler = _hf_trainer(tmp_path, policy_path, **overrides)
@@ -562,7 +568,7 @@ def test_hf_plans_and_decides_only_the_evaluations_after_eval_delay(tmp_path, po
     eval_steps = [log["step"] for log in trainer.state.log_history if "eval_loss" in log]
     assert eval_steps == evaluated_at
     assert scheduler.total_epochs == len(evaluated_at)  # the plan counts the delayed evaluations out
-    assert [h["epoch"] for h in scheduler.history] == [1, 2, 3]
+    assert [h["epoch"] for h in scheduler.history] == list(range(1, len(evaluated_at) + 1))  # one per evaluation
     assert scheduler.history[-1]["obs"][FEATURE_NAMES.index("progress")] == 1.0
     _assert_changes_exactly_at(lrs, evaluated_at[:-1], scheduler.history)
     # the first decision reads every training loss logged before it, delayed evaluations' steps included
@@ -619,6 +625,13 @@ def test_hf_reads_the_validation_loss_from_any_of_several_evaluation_sets(tmp_pa
     trainer.train()
     logged = [e["eval_b_loss"] for e in trainer.state.log_history if "eval_b_loss" in e]
     assert len(logged) == 2 and [h["val_loss"] for h in scheduler.history] == pytest.approx(logged)
+    # the set that carries the metric may come first: the sets after it, without it, are no error
+    trainer, _, scheduler = _hf_trainer(tmp_path / "a", policy_path, callback_kwargs={"metric": "eval_a_loss"},
+                                        num_train_epochs=2)
+    trainer.eval_dataset = {"a": first, "b": _PairDataset(x, y)}
+    trainer.train()
+    logged = [e["eval_a_loss"] for e in trainer.state.log_history if "eval_a_loss" in e]
+    assert len(logged) == 2 and [h["val_loss"] for h in scheduler.history] == pytest.approx(logged)
     trainer, _, scheduler = _hf_trainer(tmp_path / "c", policy_path, callback_kwargs={"metric": "eval_c_loss"},
                                         num_train_epochs=2)
     trainer.eval_dataset = {"a": first, "b": _PairDataset(x, y)}
@@ -626,6 +639,13 @@ def test_hf_reads_the_validation_loss_from_any_of_several_evaluation_sets(tmp_pa
                                        r"'eval_b_loss'"):
         trainer.train()
     assert scheduler.history == []
+
+
+def test_hf_warns_when_an_explicit_total_differs_from_the_planned_evaluations(tmp_path, policy_path):
+    trainer, _, scheduler = _hf_trainer(tmp_path, policy_path, total_epochs=5, num_train_epochs=2)
+    with pytest.warns(RuntimeWarning, match=r"total_epochs=5\) but the Trainer plans 2 evaluations"):
+        trainer.train()
+    assert scheduler.total_epochs == 5 and len(scheduler.history) == 2  # kept as given; a decision per evaluation
 
 
 @pytest.mark.parametrize("total_epochs", [None, 2], ids=["deferred-total", "explicit-total"])
