@@ -388,6 +388,34 @@ def test_an_epoch_range_sets_every_budget_and_changes_no_other_draw():
     venv.close()
 
 
+def test_every_sample_lands_in_exactly_one_split():
+    from envs.tasks import _split, mnist1d
+
+    ids = np.arange(1000, dtype=np.float64)[:, None]  # a sample's id as its one feature (distinct after scaling)
+    splits = _split(ids, np.zeros(1000, dtype=np.int64), regression=False)
+    parts = [splits.x_train, splits.x_val, splits.x_test]
+    assert [len(part) for part in parts] == [600, 200, 200]
+    assert len(set(torch.cat(parts).flatten().tolist())) == 1000
+    data = mnist1d()  # its own split: the last 1000 of the library's training set validate; its test set tests
+    rows = [{row.tobytes() for row in part.numpy()} for part in (data.x_train, data.x_val, data.x_test)]
+    assert [len(r) for r in rows] == [3000, 1000, 1000]
+    assert not rows[0] & rows[1] and not rows[0] & rows[2] and not rows[1] & rows[2]
+
+
+def test_generating_mnist1d_leaves_the_global_rngs_alone():
+    import random
+
+    from envs.tasks import mnist1d
+
+    random.seed(1)
+    np.random.seed(1)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    mnist1d.__wrapped__()  # past the cache: generated now
+    assert random.getstate() == python_state
+    after = np.random.get_state()
+    assert after[0] == numpy_state[0] and np.array_equal(after[1], numpy_state[1]) and after[2:] == numpy_state[2:]
+
+
 def test_a_feature_constant_in_training_is_zero_in_every_split():
     """An input no training sample varies (an image border no training image inks) is 0 everywhere; it used to be
     divided by 1e-6 where a validation or test sample differed (255 became 2.55e8)."""
