@@ -1073,6 +1073,7 @@ def test_resuming_a_finished_run_does_nothing_unless_given_more_timesteps(tmp_pa
     tc.train(dataclasses.replace(cfg, timesteps=192), resume=True, show_progress=False)  # more steps: it trains
     state = json.loads((out / tc.STATE_FILE).read_text())
     assert state["num_timesteps"] == 192 and state["finished"] and state["config"]["timesteps"] == 192
+    assert [e["step"] for e in state["evals"]] == [128, 192]  # the new steps were validated too
     result = CliRunner().invoke(tc.cli, ["train", "--out", str(out), "--resume", "--no-progress"])
     assert result.exit_code == 0 and "finished at step 192" in result.output  # the new total, not the first
     status, _, best_logged, versions = logged()
