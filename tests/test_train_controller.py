@@ -1080,8 +1080,9 @@ def test_resuming_a_finished_run_does_nothing_unless_given_more_timesteps(tmp_pa
     assert (status, best_logged, versions) == ("FINISHED", 2, 2)
 
 
-def test_a_resume_keeps_the_checkpoint_cadence_and_draws_fresh_tasks_and_only_the_last_two_checkpoints_stay(
-        tmp_path, monkeypatch):
+def test_a_resume_keeps_the_checkpoint_and_validation_cadence_and_draws_fresh_tasks(tmp_path, monkeypatch):
+    """Checkpoints and validations every 48 steps, counted from step 0 across a resume; only the last two checkpoints
+    stay; the resumed run does not replay the first run's tasks."""
     saved_at: list[int] = []
     first_tasks: list[list] = []  # each learn()'s first tasks, as its reset drew them
     save, make_vec_env = tc.TrainingCallback.checkpoint, tc.make_vec_env
@@ -1105,8 +1106,8 @@ def test_a_resume_keeps_the_checkpoint_cadence_and_draws_fresh_tasks_and_only_th
     monkeypatch.setattr(tc.TrainingCallback, "checkpoint", recording)
     monkeypatch.setattr(tc, "make_vec_env", noting_first_tasks)
     out = tmp_path / "run"
-    cfg = tc.TrainConfig(**{**TINY, "checkpoint_every": 48}, out=str(out), tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
-                         registered_model="")
+    cfg = tc.TrainConfig(**{**TINY, "checkpoint_every": 48, "eval_every": 48}, out=str(out),
+                         tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", registered_model="")
 
     def kept() -> list[str]:
         return sorted(p.name for p in (out / tc.CHECKPOINT_DIR).iterdir())
@@ -1119,6 +1120,8 @@ def test_a_resume_keeps_the_checkpoint_cadence_and_draws_fresh_tasks_and_only_th
     assert saved_at == [144, 192, 240, 256]  # from 128 on: the multiples of 48, not 128 + 48k
     assert kept() == ["step_000000240.zip", "step_000000256.zip"]
     assert len(first_tasks) == 2 and first_tasks[1] != first_tasks[0]  # the resume does not replay the first tasks
+    validated = [e["step"] for e in json.loads((out / tc.STATE_FILE).read_text())["evals"]]
+    assert validated == [48, 96, 128, 144, 192, 240, 256]  # validation keeps the same cadence
 
 
 def test_evaluate_no_accuracy_gives_the_policy_only_the_losses(tmp_path):
