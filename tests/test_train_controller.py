@@ -196,6 +196,9 @@ def test_train_exports_the_best_validated_policy_not_the_last(tmp_path):
     assert best_step != 256  # with this seed the last policy is not the best: the check below can tell them apart
     training = read_metadata(out / tc.POLICY_FILE)["training"]
     assert (training["timesteps"], training["validation_ratio_vs_cosine"]) == (best_step, best_score)
+    # the runs kept for the trajectory plot are the exported policy's: validating it again gives them back
+    _, _, runs, _ = tc.Validator(cfg)(load_policy(out / tc.POLICY_FILE))
+    assert json.loads(json.dumps([dataclasses.asdict(r) for r in runs])) == state["best_runs"]
 
 
 def _train_cli(args: list[str], cwd: Path) -> subprocess.Popen:
