@@ -253,7 +253,8 @@ def test_exit_with_ends_a_worker_when_its_parent_ends(pidfd):
     "change, message",
     [({"epochs": 1}, "epochs must be an int >= 2"), ({"batch_size": 0}, "batch_size must be an int >= 1"),
      ({"width": 0}, "width must be an int >= 1"), ({"depth": -1}, "depth must be an int >= 0"),
-     ({"seed": 1.5}, "seed must be an int"), ({"lr": math.nan}, "lr must be a positive finite number"),
+     ({"seed": 1.5}, "seed must be an int"), ({"depth": True}, "depth must be an int >= 0, got True"),
+     ({"lr": math.nan}, "lr must be a positive finite number"),
      ({"lr": 0.0}, "lr must be a positive finite number"), ({"optimizer": "rmsprop"}, "optimizer must be one of"),
      ({"family": "nope"}, "unknown task family 'nope'")],
 )
