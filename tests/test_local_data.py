@@ -220,6 +220,20 @@ def test_set_data_root_reaches_the_loaders_and_pool_workers(root_only_here):
     assert [r.final_test for r in there] == [r.final_test for r in here]
 
 
+def test_a_task_built_after_a_new_data_root_trains_on_that_root(local_data_root, tmp_path):
+    """Built tasks share their family's data per device: a new root must not be answered from that cache."""
+    from envs import TorchRun
+
+    task = get_family("kmnist_mlp").default_task(seed=0)
+    assert TorchRun(task, hook=False).task.data.x_test.shape[0] == 100  # the session's tree
+    local_data.set_data_root(write_torchvision_tree(tmp_path / "tree", n_train=120, n_test=30, seed=7))
+    try:
+        assert TorchRun(task, hook=False).task.data.x_test.shape[0] == 30
+    finally:
+        local_data.set_data_root(None)
+    assert TorchRun(task, hook=False).task.data.x_test.shape[0] == 100
+
+
 @pytest.mark.parametrize("command", [
     ["evaluate", "--families", "fashion_mnist_cnn,digits_cnn"],
     ["train", "--families", "digits_mlp,fashion_mnist_cnn", "--timesteps", "64"],
