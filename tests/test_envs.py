@@ -419,6 +419,26 @@ def test_generating_mnist1d_leaves_the_global_rngs_alone():
     assert after[0] == numpy_state[0] and np.array_equal(after[1], numpy_state[1]) and after[2:] == numpy_state[2:]
 
 
+def test_conv_layers_double_their_channels():
+    from envs.tasks import Conv2dNet
+
+    net = Conv2dNet(8, 10, width=4, depth=3)
+    convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 4), (4, 8), (8, 16)]
+    assert net.head.in_features == 16 * 4 * 4  # after the 2x2 max-pool of 8x8 images
+
+
+def test_attention_block_attends_as_torchs_scaled_dot_product_attention():
+    """The block writes attention out (deterministic on CUDA); it must be softmax(q k^T / sqrt(d_head)) v."""
+    from envs.tasks import AttentionBlock
+
+    torch.manual_seed(0)
+    block, x = AttentionBlock(16, heads=4), torch.randn(3, 5, 16)
+    q, k, v = block.qkv(block.norm1(x)).reshape(3, 5, 3, 4, 4).permute(2, 0, 3, 1, 4)
+    h = x + block.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(3, 5, 16))
+    torch.testing.assert_close(block(x), h + block.mlp(block.norm2(h)))
+
+
 def test_a_feature_constant_in_training_is_zero_in_every_split():
     """An input no training sample varies (an image border no training image inks) is 0 everywhere; it used to be
     divided by 1e-6 where a validation or test sample differed (255 became 2.55e8)."""
