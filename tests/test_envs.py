@@ -419,6 +419,21 @@ def test_generating_mnist1d_leaves_the_global_rngs_alone():
     assert after[0] == numpy_state[0] and np.array_equal(after[1], numpy_state[1]) and after[2:] == numpy_state[2:]
 
 
+def test_synthetic_datasets_hold_what_their_docstrings_say():
+    from envs.tasks import TOKEN_VOCAB, adding, tokens_mode
+
+    tokens = tokens_mode()  # the class is the most frequent symbol (ties: the lowest)
+    for x, y in ((tokens.x_train, tokens.y_train), (tokens.x_val, tokens.y_val), (tokens.x_test, tokens.y_test)):
+        counts = torch.nn.functional.one_hot(x, TOKEN_VOCAB).sum(1)
+        assert torch.equal(y, counts.argmax(1))
+    data = adding()  # two marked steps per sequence; the target is the sum of their values
+    x, y = torch.cat([data.x_train, data.x_val, data.x_test]), torch.cat([data.y_train, data.y_val, data.y_test])
+    marked = x[..., 1] > 0  # standardised per step: a marker's 1 is above that step's mean, its 0 below
+    assert (marked.sum(1) == 2).all()
+    marked_sum = (x[..., 0] * marked).sum(1)  # the values, standardised per step (about the same scale at each)
+    assert np.corrcoef(marked_sum.numpy(), y[:, 0].numpy())[0, 1] > 0.99
+
+
 def test_conv_layers_double_their_channels():
     from envs.tasks import Conv2dNet
 
