@@ -668,6 +668,14 @@ def _bomb(path: Path) -> Path:
     return path
 
 
+def _weights_only_zip(path: Path) -> Path:
+    """``path`` (an SB3-shaped zip) less its 'data' entry."""
+    weights = zipfile.ZipFile(_sb3_zip(path)).read("policy.pth")
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("policy.pth", weights)
+    return path
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
@@ -694,10 +702,18 @@ def _bomb(path: Path) -> Path:
          "weights must be real floating-point tensors, got action_net.weight (torch.int64)"),
         (lambda p: _sb3_zip(p, edit=lambda w: w.update({"action_net.bias": torch.zeros(1, dtype=torch.complex64)})),
          "weights must be real floating-point tensors, got action_net.bias (torch.complex64)"),
+        (lambda p: _sb3_zip(p, data={"use_sde": False, "policy_kwargs": {"squash_output": True}}),
+         "gSDE or squashed outputs"),
+        (lambda p: _sb3_zip(p, edit=lambda w: w.update({"mlp_extractor.policy_net.0.weight": torch.zeros(16, 7)})),
+         "the policy takes 7 observations; this library's features have 19"),
+        (lambda p: _sb3_zip(p, edit=lambda w: w.update({"action_net.weight": torch.zeros(2, 16),
+                                                        "action_net.bias": torch.zeros(2)})),
+         "action_net has shape (2, 16); expected a 1-D action"),
+        (_weights_only_zip, "is a zip but not a Stable-Baselines3 model (no policy.pth/data entries)"),
     ],
     ids=["data-list", "kwargs-str", "weights-tensor", "weights-int", "missing-bias", "bad-shape", "nan", "sde",
          "1-d-hidden", "0-d-action", "2-d-hidden-bias", "0-d-action-bias", "zip-bomb", "int-weights",
-         "complex-bias"],
+         "complex-bias", "squash", "other-features", "2-d-action", "no-data-entry"],
 )
 def test_export_refuses_malformed_sb3_zips_by_name(tmp_path, make, message):
     _sb3_zip(tmp_path / "good.zip")  # the same construction, unedited, exports
@@ -720,6 +736,19 @@ def test_export_keeps_the_actor_activation(tmp_path):
     x = torch.randn(50, len(FEATURE_NAMES), generator=g)
     hidden = torch.relu(x @ weights["mlp_extractor.policy_net.0.weight"].T + weights["mlp_extractor.policy_net.0.bias"])
     torch.testing.assert_close(net(x).detach(), (hidden @ weights["action_net.weight"].T).clamp(-1, 1))
+    # a zip that names no activation has SB3's default, Tanh
+    default = _sb3_zip(tmp_path / "default.zip", data={"policy_kwargs": {}}, weights=weights)
+    assert read_sb3_zip(default).activation == "tanh"
+
+
+def test_a_live_sb3_policy_with_an_activation_policynet_lacks_is_refused_by_name():
+    from gymnasium import spaces
+    from stable_baselines3.common.policies import ActorCriticPolicy
+
+    policy = ActorCriticPolicy(spaces.Box(-5, 5, (len(FEATURE_NAMES),)), spaces.Box(-1, 1, (1,)), lambda _: 0.0,
+                               net_arch=[8], activation_fn=torch.nn.ELU)
+    with pytest.raises(ValueError, match="activation ELU is not supported by PolicyNet"):
+        policy_from_sb3(policy)
 
 
 def test_commands_refuse_what_they_cannot_use_before_any_work(tmp_path):
