@@ -670,7 +670,8 @@ def _bomb(path: Path) -> Path:
 
 def _weights_only_zip(path: Path) -> Path:
     """``path`` (an SB3-shaped zip) less its 'data' entry."""
-    weights = zipfile.ZipFile(_sb3_zip(path)).read("policy.pth")
+    with zipfile.ZipFile(_sb3_zip(path)) as z:
+        weights = z.read("policy.pth")
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("policy.pth", weights)
     return path
