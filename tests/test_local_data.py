@@ -1,8 +1,10 @@
 """Local image datasets (envs.local_data) and the task families that read them."""
 
 import gzip
+import os
 import pickle
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -37,11 +39,13 @@ def test_idx_files_read_back_exactly(tmp_path):
     np.testing.assert_array_equal(local_data.read_idx(tmp_path / "a"), images)
     np.testing.assert_array_equal(local_data.read_idx(tmp_path / "a.gz"), images)
     np.testing.assert_array_equal(local_data.read_idx(tmp_path / "f"), floats)
+    assert local_data.read_idx(tmp_path / "f").dtype == np.float64  # in this machine's byte order, not idx's big-endian
 
 
 @pytest.mark.parametrize("content, message", [
     (b"", "not an idx file"),
     (b"PK\x03\x04rest", "not an idx file"),
+    (bytes([0, 1, 0x08, 1]) + np.array([1], dtype=">u4").tobytes() + bytes(1), "not an idx file"),  # magic: 0 0 type n
     (bytes([0, 0, 0x08, 3, 0, 0]), "truncated"),
     (bytes([0, 0, 0x08, 1]) + np.array([5], dtype=">u4").tobytes() + bytes(4), "holds 12 bytes"),
     (bytes([0, 0, 0x08, 1]) + np.array([5], dtype=">u4").tobytes() + bytes(6), "holds 14 bytes"),
@@ -170,6 +174,46 @@ def test_a_crafted_cifar_pickle_is_refused_without_running_it(tmp_path):
         (binary / f"{stem}.bin").write_bytes(bytes([12]) + bytes(3072))  # label 12
     with pytest.raises(ValueError, match="data_batch_1.bin: labels must be integers 0-9, got uint8 from 12 to 12"):
         local_data.load("cifar10", tmp_path / "bin")
+
+
+class _Call:
+    """Pickles as ``function(*args)``: what a crafted file would make the unpickler call."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize("make", [
+    lambda marker: _Call(os.system, f"touch {marker}"),
+    lambda marker: _Call(subprocess.call, ["touch", str(marker)]),
+    lambda marker: _Call(exec, f"open({str(marker)!r}, 'w').close()"),
+    lambda marker: _Call(eval, f"open({str(marker)!r}, 'w').close()"),
+], ids=["os.system", "subprocess.call", "exec", "eval"])
+def test_a_cifar_pickle_calling_anything_but_numpy_is_refused_without_running_it(tmp_path, make):
+    marker = tmp_path / "created_by_the_payload"
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({"data": make(marker), "labels": [0]}, protocol=2))
+    with pytest.raises(ValueError, match="data_batch_1 is not a CIFAR-10 batch: refused to load"):
+        local_data._cifar_py_batch(tmp_path / "data_batch_1")
+    assert not marker.exists()
+
+
+def test_cifar_files_of_another_shape_are_refused_by_name(tmp_path):
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps([np.zeros((2, 3072), np.uint8), [0, 1]]))
+    with pytest.raises(ValueError, match="data_batch_1 is not a CIFAR-10 batch: it holds a list, not a dict"):
+        local_data._cifar_py_batch(tmp_path / "data_batch_1")
+    (tmp_path / "data_batch_1.bin").write_bytes(bytes(2 * 3073 - 5))  # an interrupted copy: a record cut short
+    with pytest.raises(ValueError, match="holds 6141 bytes, not a whole number of 3073-byte CIFAR-10 records"):
+        local_data._cifar_bin_batch(tmp_path / "data_batch_1.bin")
+
+
+def test_the_environment_variables_root_may_start_with_a_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv(local_data.DATA_ROOT_ENV, "~/data")
+    local_data.set_data_root(None)
+    assert local_data.data_root() == tmp_path / "data"
 
 
 @pytest.mark.parametrize("labels, shown", [
