@@ -882,7 +882,7 @@ def test_ratio_counts_divergence_on_either_side():
 
 def test_validation_counts_the_policy_runs_that_diverged_and_scores_each_as_ten_times_worse():
     from controller import N_FEATURES, PolicyNet
-    from envs.evaluation import RATIO_CAP
+    from envs.evaluation import RATIO_CAP, geomean, ratio_to
 
     always_up = PolicyNet(N_FEATURES, hidden=(4,))  # a = +1 at every decision: the LR keeps rising
     with torch.no_grad():
@@ -894,9 +894,9 @@ def test_validation_counts_the_policy_runs_that_diverged_and_scores_each_as_ten_
     diverged = [p.diverged for p in policy]
     assert not any(c.diverged for c in cosine) and 0 < sum(diverged) < len(diverged), diverged  # both kinds of run
     assert metrics["val/diverged"] == sum(diverged)
-    by_hand = [RATIO_CAP if p.diverged else min(max(p.final_val / c.final_val, 1 / RATIO_CAP), RATIO_CAP)
-               for p, c in zip(policy, cosine)]
-    assert score == metrics["val/ratio_vs_cosine"] == pytest.approx(math.prod(by_hand) ** (1 / len(by_hand)))
+    ratios = [ratio_to(p.final_val, c.final_val) for p, c in zip(policy, cosine)]
+    assert [r for r, d in zip(ratios, diverged) if d] == [RATIO_CAP] * sum(diverged)
+    assert score == metrics["val/ratio_vs_cosine"] == pytest.approx(geomean(ratios))
 
 
 def test_scores_by_hand_geomean_over_tasks_then_mean_and_population_std_over_seeds():
