@@ -82,3 +82,54 @@ def test_plot_history_leaves_pyplot_and_its_backend_alone(scheduler, tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("history", [[0.1, 0.2], [{"lr": 0.1}], [{"epoch": 1}], "not a history"])
+def test_plot_history_refuses_what_is_no_scheduler_history(history, tmp_path):
+    with pytest.raises(ValueError, match=r"expected PolicyScheduler.history: a list of dicts with 'epoch' and 'lr'"):
+        plot_history(history, tmp_path / "x.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def entry(epoch, lr, **kw):
+    return {"epoch": epoch, "lr": lr, "epoch_lr": lr, "train_loss": 1.0, "val_loss": 1.0, "action": 0.0,
+            "cut": False, **kw}
+
+
+def test_plot_history_draws_what_each_entry_says(tmp_path):
+    """Cut markers where the safety cut fired (whether the policy acted or not), an infinite loss as a gap, the
+    action axis fixed at [-1, 1], the title, and a history that starts later than epoch 1 (its first LR from the
+    epoch before)."""
+    from controller.plotting import _history_figure
+
+    history = [entry(3, 0.1, action=0.5), entry(4, 0.025, cut=True, action=0.5, val_loss=math.inf),
+               entry(5, 0.025, cut=True, action=None, val_loss=math.nan), entry(6, 0.03, action=0.2)]
+    fig = _history_figure(history, title="a later window")
+    ax_lr, ax_loss, ax_act = fig.axes
+    assert list(ax_lr.lines[0].get_data()[0]) == [2, 3, 4, 5, 6]
+    assert list(ax_lr.lines[2].get_data()[0]) == [4, 5]  # both cuts, the one after an action too
+    val_y = ax_loss.lines[1].get_data()[1]
+    assert math.isnan(val_y[1]) and math.isnan(val_y[2]) and val_y[3] == 1.0  # inf drawn as a gap, as NaN is
+    assert ax_act.get_ylim() == (-1.05, 1.05)
+    assert fig._suptitle is not None and fig._suptitle.get_text() == "a later window"
+
+
+def test_plot_history_draws_only_the_losses_it_was_given_on_a_scale_that_shows_them():
+    """A loss never passed (no ``train_loss``) gets no line and no legend entry; losses that are never positive (a
+    negative log-likelihood, say) keep a linear axis, on which a log axis would drop them."""
+    from controller.plotting import _history_figure
+
+    history = [entry(e, 0.1, train_loss=None, val_loss=-e / 10) for e in (1, 2, 3)]
+    _, ax_loss, _ = _history_figure(history).axes
+    assert [line.get_label() for line in ax_loss.lines] == ["validation loss"]
+    assert [t.get_text() for t in ax_loss.get_legend().get_texts()] == ["validation loss"]
+    assert ax_loss.get_yscale() == "linear"
+    _, ax_loss, _ = _history_figure([entry(1, 0.1), entry(2, 0.1)]).axes
+    assert ax_loss.get_yscale() == "log"
+
+
+def test_plot_history_expands_a_home_path_and_reads_the_suffix_in_any_case(scheduler, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert plot_history(scheduler, "~/figs/h.PNG") == tmp_path / "figs" / "h.PNG"
+    assert (tmp_path / "figs" / "h.PNG").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_history(scheduler, tmp_path / "h.PDF").read_bytes()[:5] == b"%PDF-"
