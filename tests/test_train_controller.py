@@ -151,20 +151,27 @@ def test_train_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
 
 def test_pyfunc_reads_an_array_by_position_and_refuses_one_of_another_shape(tmp_path):
     """A direct predict() call with an array: (19,) is one observation, (n, 19) n of them. Any other shape was
-    reshaped to (-1, 19), so a (19, 4) array (features in rows) became 4 scrambled observations."""
+    reshaped to (-1, 19), so a (19, 4) array (features in rows) became 4 scrambled observations. The factors follow the
+    policy file's action map: with ``scale`` 0.5, 2^(0.5·a)."""
     from types import SimpleNamespace
 
-    from controller import PolicyNet, save_policy
+    from controller import ActionConfig, PolicyNet, save_policy
     from controller.integrations.mlflow_pyfunc import PolicyModel
 
     torch.manual_seed(0)
-    path = save_policy(tmp_path / "p.safetensors", PolicyNet(len(FEATURE_NAMES), hidden=(8,)))
+    net = PolicyNet(len(FEATURE_NAMES), hidden=(8,))
+    path = save_policy(tmp_path / "p.safetensors", net, action_config=ActionConfig(scale=0.5))
     model = PolicyModel()
     model.load_context(SimpleNamespace(artifacts={"policy": str(path)}))
     obs = np.random.default_rng(0).uniform(-2, 2, (4, len(FEATURE_NAMES)))
     factors = model.predict(None, obs)
     assert factors.shape == (4,)
-    np.testing.assert_array_equal(model.predict(None, obs[1]), factors[1:2])
+    with torch.no_grad():
+        actions = load_policy(path)(torch.as_tensor(obs, dtype=torch.float32)).numpy()[:, 0]
+    assert np.abs(actions).max() > 0.05  # the scale shows
+    np.testing.assert_allclose(factors, 2.0 ** (0.5 * actions), rtol=1e-6)
+    # one observation: the same factor up to float32 rounding (a batch of one may take another matmul kernel)
+    np.testing.assert_allclose(model.predict(None, obs[1]), factors[1:2], rtol=1e-6)
     for bad in (obs.T, obs.reshape(2, -1), obs[None], obs[:, :-1]):
         n = len(FEATURE_NAMES)
         with pytest.raises(ValueError, match=re.escape(f"({n},) or (rows, {n}), one column per feature in "
