@@ -41,6 +41,17 @@ def test_scheduler_overhead_prints_its_machine_readable_lines():
     keys = [line.split()[0] for line in result.stdout.splitlines()[-5:]]
     assert keys == ["overhead_pct", "overhead_pct_raw", "decision_ms", "decision_ms_warm", "decision_vs_cosine"]
     assert all(float(line.split()[1]) == float(line.split()[1]) for line in result.stdout.splitlines()[-5:])  # no NaN
+    # the machine-readable lines say what the table says (no timing asserted: only how the numbers relate)
+    line = {row.split()[0]: float(row.split()[1]) for row in result.stdout.splitlines()[-5:]}
+    table = {row.split()[0]: row.split() for row in result.stdout.splitlines()
+             if row.split()[:1] in (["none"], ["cosine"], ["policy"])}
+    base, hook, decision, warm = (float(table["none"][1]), float(table["policy"][3]), float(table["policy"][4]),
+                                  float(table["policy"][5]))
+    assert (line["decision_ms"], line["decision_ms_warm"]) == (decision, warm)  # right after an epoch, then warm
+    assert line["decision_vs_cosine"] == pytest.approx(decision / float(table["cosine"][4]), rel=0.01)
+    assert line["overhead_pct_raw"] == pytest.approx(100 * hook / base, rel=0.01)  # the hook's time over the baseline
+    assert 0 < hook < float(table["policy"][1])  # per step: the hook runs inside the step it is part of
+    assert line["overhead_pct"] < line["overhead_pct_raw"]  # net of the empty timed window's cost
 
 
 @pytest.mark.parametrize(
