@@ -149,7 +149,7 @@ def test_train_logs_to_a_real_mlflow_server(mlflow_server, tmp_path):
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements.split(), requirements  # pinned, as logged
 
 
-def test_pyfunc_reads_an_array_by_position_and_refuses_one_of_another_shape(tmp_path):
+def test_pyfunc_called_directly_reads_an_array_by_position_and_a_table_by_name(tmp_path):
     """A direct predict() call with an array: (19,) is one observation, (n, 19) n of them. Any other shape was
     reshaped to (-1, 19), so a (19, 4) array (features in rows) became 4 scrambled observations. The factors follow the
     policy file's action map: with ``scale`` 0.5, 2^(0.5·a)."""
@@ -172,6 +172,19 @@ def test_pyfunc_reads_an_array_by_position_and_refuses_one_of_another_shape(tmp_
     np.testing.assert_allclose(factors, 2.0 ** (0.5 * actions), rtol=1e-6)
     # one observation: the same factor up to float32 rounding (a batch of one may take another matmul kernel)
     np.testing.assert_allclose(model.predict(None, obs[1]), factors[1:2], rtol=1e-6)
+    # a table called directly (no MLflow signature in between) is read by name too, and one lacking a column refused
+    import pandas as pd
+
+    table = pd.DataFrame(obs, columns=list(FEATURE_NAMES))
+    np.testing.assert_array_equal(model.predict(None, table[list(FEATURE_NAMES)[::-1]]), factors)
+    with pytest.raises(ValueError, match=r"observation table lacks the feature columns \['progress'\]"):
+        model.predict(None, table.drop(columns="progress"))
+    # a read-only float32 array (what MLflow hands over) is read without torch's not-writable warning
+    frozen = obs.astype(np.float32)
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(model.predict(None, frozen), factors)
     for bad in (obs.T, obs.reshape(2, -1), obs[None], obs[:, :-1]):
         n = len(FEATURE_NAMES)
         with pytest.raises(ValueError, match=re.escape(f"({n},) or (rows, {n}), one column per feature in "
