@@ -194,6 +194,8 @@ def test_a_docs_script_runs_a_repeated_name_once(monkeypatch, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--epochs", "1"], "--epochs must be >= 2, got 1"),
     (["--lr", "0"], "--lr must be a positive finite number"),
+    (["--lr", "inf"], "--lr must be a positive finite number, got inf"),
+    (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
     (["--policy", "{tmp}/none.safetensors"], "--policy: policy file not found: {tmp}/none.safetensors"),
     (["--out", "{tmp}/h.xyz"], "--out: cannot write a '.xyz' image; use one of"),
     (["--out", "{tmp}"], "--out: {tmp} is a directory"),
@@ -204,6 +206,24 @@ def test_history_plot_refuses_bad_arguments_before_training(tmp_path, args, mess
     result = run("make_history_plot.py", *args, *out)
     assert result.returncode == 2 and message.format(tmp=tmp_path) in result.stderr, result.stderr
     assert result.stdout == "" and "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_history_plot_refuses_a_policy_file_that_is_none_before_training(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a policy file")
+    result = run("make_history_plot.py", "--policy", str(bad), "--out", str(tmp_path / "h.png"))
+    message = f"--policy: {bad} is not a usable lrcontrol policy file"
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout == "" and not (tmp_path / "h.png").exists()
+
+
+def test_outside_suite_standardises_each_split_with_the_training_part_alone(monkeypatch):
+    """No statistic of the validation or test samples leaks into the features the runs train on."""
+    suite = load("outside_suite.py", monkeypatch)
+    (x, _), (x_val, _), (x_test, _) = suite.splits("circles_plain_sgd", 0)
+    assert x.mean(0).abs().max() < 1e-5 and (x.std(0, unbiased=False) - 1).abs().max() < 1e-4
+    assert len(x) + len(x_val) + len(x_test) == 1500 and len(x_test) == 300
+    assert (x_test.mean(0).abs() > 1e-3).any()  # the held-out parts keep their own offsets
 
 
 @pytest.mark.parametrize("script, option", [("outside_suite.py", "--scenarios"), ("tuned_start.py", "--families")])
