@@ -82,15 +82,30 @@ def test_env_throughput_refuses_a_local_family_without_its_data_before_any_timin
     assert result.stdout == ""
 
 
-def test_env_throughput_runs_on_the_device_auto_resolves_to():
+def test_env_throughput_runs_on_the_device_auto_resolves_to_and_its_last_lines_say_what_its_tables_say():
     from envs import check_device
 
-    result = run("env_throughput.py", "--families", "", "--steps", "1", "--batched-n", "32", "--ppo-steps", "0",
-                 "--device", "auto")
+    result = run("env_throughput.py", "--families", "blobs_mlp,wine_mlp,moons_mlp", "--steps", "1", "--batched-n", "32",
+                 "--ppo-steps", "0", "--device", "auto")
     assert result.returncode == 0, result.stderr
     assert f"device {check_device('auto')})" in result.stdout
-    keys = [line.split()[0] for line in result.stdout.splitlines()[-2:]]
-    assert keys == ["batched_vs_separate_n32", "batched_vs_naive_n32"]
+    lines = result.stdout.splitlines()
+    keys = [line.split()[0] for line in lines[-3:]]
+    assert keys == ["env_step_ms_median", "batched_vs_separate_n32", "batched_vs_naive_n32"]
+    # the machine-readable lines say what the tables say (no timing asserted: only how the numbers relate)
+    value = {line.split()[0]: float(line.split()[1]) for line in lines[-3:]}
+    families = {row.split()[0]: [float(c.rstrip("x")) for c in row.split()[1:]] for row in lines
+                if row.split()[:1] in (["blobs_mlp"], ["wine_mlp"], ["moons_mlp"])}
+    assert len(families) == 3
+    for env_ms, _, naive_ms, naive_over_env in families.values():
+        assert naive_over_env == pytest.approx(naive_ms / env_ms, rel=0.01, abs=0.006)
+    assert value["env_step_ms_median"] == pytest.approx(sorted(r[0] for r in families.values())[1], abs=0.006)
+    n, batched, separate, naive, over_separate, over_naive = [float(c.rstrip("x")) for c in next(
+        row for row in lines if row.split()[:1] == ["32"]).split()]
+    assert value["batched_vs_separate_n32"] == pytest.approx(over_separate, abs=0.006)
+    assert value["batched_vs_naive_n32"] == pytest.approx(over_naive, abs=0.006)
+    assert over_separate == pytest.approx(batched / separate, rel=0.01) and over_naive == pytest.approx(
+        batched / naive, rel=0.01)
 
 
 def test_env_throughput_prints_the_ppo_steps_run_whole_rollouts_and_all(monkeypatch, capsys):
