@@ -226,6 +226,43 @@ def test_outside_suite_standardises_each_split_with_the_training_part_alone(monk
     assert (x_test.mean(0).abs() > 1e-3).any()  # the held-out parts keep their own offsets
 
 
+def test_outside_suite_steps_each_baseline_as_the_evaluation_protocol_does(monkeypatch):
+    """Cosine once per epoch, OneCycle once per optimizer step (``envs.evaluation.make_baseline``): a scenario with
+    minibatches tells them apart (iris, full batch, takes one step an epoch)."""
+    import math
+
+    import torch
+
+    from envs.evaluation import make_baseline
+
+    suite = load("outside_suite.py", monkeypatch)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # run() sets one thread: this process's stay as is
+    name = "circles_plain_sgd"
+    scenario = suite.SCENARIOS[name]
+    steps = math.ceil(len(suite.splits(name, 0)[0][0]) / scenario.batch)
+    assert steps > 1
+    for schedule, per_epoch in (("cosine", 1), ("onecycle", steps)):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=scenario.lr)
+        baseline = make_baseline(schedule, optimizer, scenario.epochs, steps)
+        expected = []
+        for _ in range(scenario.epochs):
+            expected.append(optimizer.param_groups[0]["lr"])
+            for _ in range(per_epoch):
+                optimizer.step()
+                baseline.step()
+        record = suite.run((name, 0, 1.0, schedule))
+        assert not record.diverged and record.lrs == pytest.approx(expected, rel=1e-12), schedule
+
+
+def test_outside_suite_gives_a_regression_no_separate_run_without_accuracy(monkeypatch):
+    """On a regression the policy never gets an accuracy: its run stands for ``policy_no_acc`` (no second run)."""
+    suite = load("outside_suite.py", monkeypatch)
+    jobs = suite.jobs(["regression_large_scale", "rmsprop"], 1)
+    assert {s for n, _, m, s in jobs if n == "regression_large_scale" and m > 0} == set(suite.SCHEDULES) - {
+        "policy_no_acc"}
+    assert {s for n, _, m, s in jobs if n == "rmsprop" and m > 0} == set(suite.SCHEDULES)
+
+
 @pytest.mark.parametrize("script, option", [("outside_suite.py", "--scenarios"), ("tuned_start.py", "--families")])
 def test_a_docs_script_refuses_an_unknown_name(script, option):
     result = run(script, option, "nope")
