@@ -254,6 +254,29 @@ def test_outside_suite_steps_each_baseline_as_the_evaluation_protocol_does(monke
         assert not record.diverged and record.lrs == pytest.approx(expected, rel=1e-12), schedule
 
 
+def test_outside_suite_starts_every_schedule_of_a_seed_from_one_model_and_records_mean_losses(monkeypatch):
+    """A seed fixes the initial weights: every schedule starts from the same model (its loss on the test split before
+    training), whatever ran before in the process. The train loss recorded is the epoch's mean over its minibatches."""
+    import math
+
+    import torch
+
+    suite = load("outside_suite.py", monkeypatch)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # run() sets one thread: this process's stay as is
+    name = "circles_plain_sgd"
+    _, _, (x_test, y_test) = suite.splits(name, 1)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        initial = torch.nn.functional.cross_entropy(suite.SCENARIOS[name].model()(x_test), y_test).item()
+    constant = suite.run((name, 1, 1.0, "constant"))
+    torch.rand(100)  # the global generator moved on: the next run starts from the same weights regardless
+    plateau = suite.run((name, 1, 1.0, "plateau"))
+    assert constant.initial_test == plateau.initial_test == pytest.approx(initial, rel=1e-6)
+    assert constant.train_losses[0] == plateau.train_losses[0]  # the same first epoch (same LR, same batches)
+    for train, val in zip(constant.train_losses, constant.val_losses):  # a mean, not a sum over ~29 minibatches
+        assert abs(math.log(train / val)) < math.log(3), (train, val)
+
+
 def test_outside_suite_gives_a_regression_no_separate_run_without_accuracy(monkeypatch):
     """On a regression the policy never gets an accuracy: its run stands for ``policy_no_acc`` (no second run)."""
     suite = load("outside_suite.py", monkeypatch)
