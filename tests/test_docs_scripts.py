@@ -264,17 +264,43 @@ def test_outside_suite_starts_every_schedule_of_a_seed_from_one_model_and_record
     suite = load("outside_suite.py", monkeypatch)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # run() sets one thread: this process's stay as is
     name = "circles_plain_sgd"
-    _, _, (x_test, y_test) = suite.splits(name, 1)
-    torch.manual_seed(1)
+    _, _, (x_test, y_test) = suite.splits(name, 0)
+    torch.manual_seed(0)
     with torch.no_grad():
         initial = torch.nn.functional.cross_entropy(suite.SCENARIOS[name].model()(x_test), y_test).item()
-    constant = suite.run((name, 1, 1.0, "constant"))
+    constant = suite.run((name, 0, 1.0, "constant"))
     torch.rand(100)  # the global generator moved on: the next run starts from the same weights regardless
-    plateau = suite.run((name, 1, 1.0, "plateau"))
+    plateau = suite.run((name, 0, 1.0, "plateau"))
     assert constant.initial_test == plateau.initial_test == pytest.approx(initial, rel=1e-6)
     assert constant.train_losses[0] == plateau.train_losses[0]  # the same first epoch (same LR, same batches)
     for train, val in zip(constant.train_losses, constant.val_losses):  # a mean, not a sum over ~29 minibatches
         assert abs(math.log(train / val)) < math.log(3), (train, val)
+    # what a grid search reads: the last epoch's validation loss (here not the run's lowest, so the two differ)
+    assert constant.final_val == constant.val_losses[-1] > min(constant.val_losses)
+
+
+def test_outside_suite_plot_draws_each_schedules_lrs_and_the_oracles_starting_lr(monkeypatch, tmp_path):
+    """The plot from records alone (no training): each schedule's LR per epoch, its ratio to the oracle in the label,
+    and the LR the oracle's best grid run started at (not where its cosine ended)."""
+    from matplotlib.figure import Figure
+
+    from envs.evaluation import RunRecord
+
+    suite = load("outside_suite.py", monkeypatch)
+    name = "iris_fullbatch"
+    grid = [RunRecord(name, 0, -g, "cosine", lrs=[1e-3 * g, 1e-4 * g], final_test=abs(g - 3.0) + 0.5, final_val=1.0)
+            for g in (1.0, 3.0, 9.0)]  # the best: x3, started at 3e-3 and annealed to 3e-4
+    runs = [RunRecord(name, 0, 1.0, s, lrs=lrs, final_test=t, final_val=1.0) for s, lrs, t in (
+        ("policy_no_acc", [1e-3, 2e-3, 4e-3], 0.75), ("cosine", [1e-3, 5e-4, 1e-4], 2.5), ("plateau", [1e-3] * 3, 1.0))]
+    drawn: list[Figure] = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: drawn.append(fig))
+    suite.plot(grid + runs, tmp_path / "p.png")
+    ax = drawn[0].axes[0]
+    lines = {line.get_label(): line for line in ax.lines}
+    assert list(lines["policy_no_acc (1.50)"].get_ydata()) == [1e-3, 2e-3, 4e-3]
+    assert list(lines["cosine (5.00)"].get_ydata()) == [1e-3, 5e-4, 1e-4]
+    assert list(lines["plateau (2.00)"].get_ydata()) == [1e-3] * 3
+    assert list(lines["oracle's grid LR"].get_ydata()) == [3e-3, 3e-3]
 
 
 def test_outside_suite_gives_a_regression_no_separate_run_without_accuracy(monkeypatch):
