@@ -438,6 +438,10 @@ def test_resume_refuses_options_that_differ_from_the_saved_run_but_takes_a_new_d
     # a saved budget range comes back from JSON as a list; runs saved before the option have none
     from_json = json.loads(json.dumps({**saved, "epochs": [50, 100]}))
     assert tc.resume_config(from_json, options, {"device"}, run).epochs == (50, 100)
+    # options given again with their saved values (tuples, as the CLI parses them; lists in JSON) are no change
+    given = {**options, "epochs": (50, 100), "net_arch": tuple(saved["net_arch"]), "families": tuple(saved["families"])}
+    cfg = tc.resume_config(from_json, given, {"device", "epochs", "net_arch", "families"}, run)
+    assert (cfg.epochs, cfg.net_arch, cfg.families) == ((50, 100), tuple(saved["net_arch"]), tc.TRAIN_FAMILIES)
     assert tc.resume_config({k: v for k, v in saved.items() if k != "epochs"}, options, {"device"}, run).epochs is None
     result = runner.invoke(tc.cli, ["train", "--resume", "--out", str(run), "--device", "cpu", "--epochs", "100"])
     assert result.exit_code == 2 and "--epochs (saved: None, given: (100, 100))" in result.output
@@ -809,6 +813,11 @@ def test_commands_refuse_what_they_cannot_use_before_any_work(tmp_path):
         result = runner.invoke(tc.cli, [command, "--tracking-uri", "bogus://x", "--out", str(tmp_path / command)])
         assert result.exit_code == 1 and "cannot use 'bogus://x' as an MLflow tracking URI" in result.output
         assert not (tmp_path / command / tc.STATE_FILE).exists()
+    # a blank experiment name: MLflow would refuse it only after all of evaluate's runs
+    result = runner.invoke(tc.cli, ["evaluate", "--experiment", " ", "--families", "wine_mlp", "--seeds", "1", "--out",
+                                    str(tmp_path / "blank"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    assert result.exit_code == 1 and "--experiment must name an MLflow experiment, got an empty name" in result.output
+    assert not (tmp_path / "blank" / "evaluation.json").exists()
     pickled = tmp_path / "policy.safetensors"
     pickled.write_bytes(b"\x80\x04\x95" + bytes(64))
     out = tmp_path / "eval"
@@ -1055,12 +1064,16 @@ def test_selection_and_evaluation_tasks_differ_and_families_are_independent():
     assert draws["blobs_mlp"] != draws["diabetes_mlp"]
 
 
-def test_evaluate_cli_scores_policy_and_baselines_against_the_oracle(tmp_path):
+def test_evaluate_cli_scores_policy_and_baselines_against_the_oracle(tmp_path, monkeypatch):
     """The command behind the model card's tables, end to end on one small family: files, scores, MLflow."""
     import mlflow
 
     from envs.evaluation import BASELINES, MULTIPLIERS, RATIO_CAP, evaluation_tasks, run_schedule
 
+    drawn = []  # what the trajectory plot compares the policy with
+    plot = tc.plot_trajectories
+    monkeypatch.setattr(tc, "plot_trajectories", lambda policy, reference, path, name: (
+        drawn.append((policy, reference, name)), plot(policy, reference, path, name))[1])
     out, uri = tmp_path / "eval", f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = CliRunner().invoke(tc.cli, ["evaluate", "--families", "wine_mlp", "--seeds", "1", "--out", str(out),
                                          "--tracking-uri", uri, "--workers", "1", "--no-progress"])
@@ -1093,6 +1106,44 @@ def test_evaluate_cli_scores_policy_and_baselines_against_the_oracle(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("lrcontrol-evaluation").experiment_id])
     assert runs and runs[0].data.metrics["policy/x1"] == pytest.approx(report["summary"]["x1"]["policy"]["mean"])
+    # the plot sets the policy beside the baseline that scored best at x1
+    best = min(BASELINES, key=lambda s: report["summary"]["x1"][s]["mean"])
+    [(policy_runs, reference, name)] = drawn
+    assert name == best and {r.schedule for r in reference} == {best} and len(reference) == len(MULTIPLIERS)
+    assert {r.schedule for r in policy_runs} == {"policy"}
+
+
+def test_tracker_keeps_what_fails_and_leaves_a_failing_server_alone_for_a_while(tmp_path, monkeypatch):
+    """A failed MLflow call is not retried for ``retry_after`` seconds (each retry against a dead server costs MLflow's
+    own retries, minutes), every value that did not reach MLflow is appended to the unlogged file, and the summary
+    says what was lost. Non-finite metrics are left out rather than sent."""
+    calls: list[str] = []
+
+    def down():
+        calls.append("tried")
+        raise ConnectionError("server gone")
+
+    tracker = tc.Tracker(tmp_path, retry_after=60.0)
+    assert tracker.summary() is None
+    assert tracker.call("params", down) is None and tracker.call("params", down) is None
+    assert calls == ["tried"]  # the second call came within retry_after: MLflow left alone
+    sent: list[tuple[dict, int]] = []
+    monkeypatch.setattr(tc.mlflow, "log_metrics", lambda metrics, step: sent.append((metrics, step)))
+    tracker.log_metrics({"a": 1.0, "b": math.nan}, 7)  # still within retry_after: kept, not sent
+    assert sent == []
+    lines = [json.loads(line) for line in (tmp_path / tc.UNLOGGED_FILE).read_text().splitlines()]
+    assert [line["what"] for line in lines] == ["params", "params", "metrics"]
+    assert lines[2]["metrics"] == {"a": 1.0} and lines[2]["step"] == 7
+    summary = tracker.summary()
+    assert "1× metrics, 2× params" in summary and "ConnectionError: server gone" in summary
+    assert str(tmp_path / tc.UNLOGGED_FILE) in summary
+
+    tracker = tc.Tracker(tmp_path / "up", retry_after=0.0)  # a server that is back is used again
+    (tmp_path / "up").mkdir()
+    tracker.call("params", down)
+    tracker.log_metrics({"a": 1.0, "b": math.inf, "c": None, "d": 2}, 3)
+    tracker.log_metrics({"b": math.nan}, 4)  # nothing finite: no call at all
+    assert calls == ["tried", "tried"] and sent == [({"a": 1.0, "d": 2.0}, 3)]
 
 
 def test_strict_json_writes_non_finite_numbers_as_null():
