@@ -911,14 +911,14 @@ def test_ratio_counts_divergence_on_either_side():
 
 def test_validation_counts_the_policy_runs_that_diverged_and_scores_each_as_ten_times_worse():
     from controller import N_FEATURES, PolicyNet
-    from envs.evaluation import RATIO_CAP, geomean, ratio_to
+    from envs.evaluation import MULTIPLIERS, RATIO_CAP, geomean, ratio_to
 
     always_up = PolicyNet(N_FEATURES, hidden=(4,))  # a = +1 at every decision: the LR keeps rising
     with torch.no_grad():
         for p in always_up.parameters():
             p.zero_()
         always_up.action_net.bias.fill_(5.0)
-    cfg = tc.TrainConfig(**{**TINY, "eval_families": ("teacher_mlp",), "eval_seeds": 2, "epochs": (4, 4)})
+    cfg = tc.TrainConfig(**{**TINY, "eval_families": ("teacher_mlp", "blobs_mlp"), "eval_seeds": 2, "epochs": (4, 4)})
     score, metrics, policy, cosine = tc.Validator(cfg)(always_up.eval())
     diverged = [p.diverged for p in policy]
     assert not any(c.diverged for c in cosine) and 0 < sum(diverged) < len(diverged), diverged  # both kinds of run
@@ -926,6 +926,24 @@ def test_validation_counts_the_policy_runs_that_diverged_and_scores_each_as_ten_
     ratios = [ratio_to(p.final_val, c.final_val) for p, c in zip(policy, cosine)]
     assert [r for r, d in zip(ratios, diverged) if d] == [RATIO_CAP] * sum(diverged)
     assert score == metrics["val/ratio_vs_cosine"] == pytest.approx(geomean(ratios))
+    # the breakdowns: each initial-LR multiplier's tasks, each family's (they differ here, so no one stands for all)
+    parts = {f"val/ratio_vs_cosine_x{m:g}": [r for r, p in zip(ratios, policy) if p.multiplier == m]
+             for m in MULTIPLIERS}
+    parts.update({f"val/{f}": [r for r, p in zip(ratios, policy) if p.family == f] for f in cfg.eval_families})
+    assert {k: metrics[k] for k in parts} == pytest.approx({k: geomean(v) for k, v in parts.items()})
+    assert len({round(metrics[k], 9) for k in parts}) == len(parts)
+
+
+def test_validation_runs_the_cosine_references_once_per_training(monkeypatch):
+    """The cosine runs a policy is compared with do not depend on the policy: the second validation reuses them."""
+    submitted: list[str] = []
+    run_jobs = tc.run_jobs
+    monkeypatch.setattr(tc, "run_jobs", lambda jobs, pool=None: (
+        submitted.extend(job.schedule for job in jobs), run_jobs(jobs, pool))[1])
+    validator = tc.Validator(tc.TrainConfig(**{**TINY, "eval_families": ("blobs_mlp",), "epochs": (2, 2)}))
+    first, second = validator(load_policy(None)), validator(load_policy(None))
+    assert submitted == ["cosine"] * 3 + ["policy"] * 3 + ["policy"] * 3  # one task per multiplier
+    assert first[0] == second[0] and first[3] is second[3]
 
 
 def test_scores_by_hand_geomean_over_tasks_then_mean_and_population_std_over_seeds():
