@@ -641,6 +641,33 @@ def test_hf_reads_the_validation_loss_from_any_of_several_evaluation_sets(tmp_pa
     assert scheduler.history == []
 
 
+def test_hf_callback_reused_after_a_failed_train_forgets_that_runs_evaluations(tmp_path, policy_path):
+    """A train() ended by an exception after an evaluation that lacked the metric (before the callback could say so)
+    leaves nothing behind: the same callback in the next train() decides from its own evaluations."""
+    from transformers import TrainerCallback
+
+    from controller.integrations.hf import PolicySchedulerCallback
+
+    class Boom(TrainerCallback):  # before the policy callback in the list: its on_step_begin runs first
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step >= HF_STEPS_PER_EPOCH:
+                raise RuntimeError("boom")
+
+    reported: list[dict] = [{}, {"acc": 0.5}]  # the first run's evaluation lacks eval_acc; the second's has it
+    trainer, _, _ = _hf_trainer(tmp_path / "1", policy_path, callbacks=[Boom()], num_train_epochs=2,
+                                callback_kwargs={"metric": "eval_acc"}, compute_metrics=lambda p: reported[0])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    [callback] = [c for c in trainer.callback_handler.callbacks if isinstance(c, PolicySchedulerCallback)]
+    reported.pop(0)
+    trainer, _, scheduler = _hf_trainer(tmp_path / "2", policy_path, num_train_epochs=2,
+                                        compute_metrics=lambda p: reported[0])
+    trainer.remove_callback(PolicySchedulerCallback)
+    trainer.add_callback(callback)
+    trainer.train()
+    assert callback.scheduler is scheduler and [h["val_loss"] for h in scheduler.history] == [0.5, 0.5]
+
+
 def test_hf_warns_when_an_explicit_total_differs_from_the_planned_evaluations(tmp_path, policy_path):
     trainer, _, scheduler = _hf_trainer(tmp_path, policy_path, total_epochs=5, num_train_epochs=2)
     with pytest.warns(RuntimeWarning, match=r"total_epochs=5\) but the Trainer plans 2 evaluations"):
