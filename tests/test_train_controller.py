@@ -226,6 +226,29 @@ def _train_cli(args: list[str], cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def test_train_keeps_the_first_of_equally_scored_policies(tmp_path, monkeypatch):
+    """A later validation must beat the best score to replace the exported policy: a tie keeps the earlier one (the
+    same score reached in fewer steps)."""
+    from controller import read_metadata
+
+    validate, first = tc.Validator.__call__, []
+
+    def same_result(self, net):  # every validation scores as the first did
+        if not first:
+            first.append(validate(self, net))
+        return first[0]
+
+    monkeypatch.setattr(tc.Validator, "__call__", same_result)
+    out = tmp_path / "run"
+    cfg = tc.TrainConfig(**{**TINY, "timesteps": 192, "eval_every": 64}, out=str(out),
+                         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", registered_model="")
+    tc.train(cfg, show_progress=False)
+    state = json.loads((out / tc.STATE_FILE).read_text())
+    assert [e["step"] for e in state["evals"]] == [64, 128, 192]
+    assert len({e["val/ratio_vs_cosine"] for e in state["evals"]}) == 1
+    assert state["best_step"] == 64 and read_metadata(out / tc.POLICY_FILE)["training"]["timesteps"] == 64
+
+
 def test_kill_and_resume_continues_steps_and_mlflow_run(tmp_path):
     out = tmp_path / "run"
     args = [*TINY_CLI, "--timesteps", "384", "--checkpoint-every", "64", "--gamma", "0.9", "--gae-lambda", "0.8",
