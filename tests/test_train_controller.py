@@ -99,6 +99,8 @@ def check_run(uri: str, out: Path) -> None:
     for key in ("rollout/ep_rew_mean", "time/fps", "val/ratio_vs_cosine", "val/diverged", "time/env_steps_per_s"):
         assert key in run.data.metrics, (key, sorted(run.data.metrics))
     assert any(k.startswith("train/") for k in run.data.metrics)
+    # SB3 logs an update's losses only before the next rollout: the last update's are flushed at the end, not lost
+    assert client.get_metric_history(run.info.run_id, "train/value_loss")[-1].step == state["num_timesteps"] == 128
     history = client.get_metric_history(run.info.run_id, "rollout/ep_rew_mean")
     assert [m.step for m in history] == sorted(m.step for m in history) and history[-1].step <= 128
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "policy")}
