@@ -169,7 +169,7 @@ def test_pyfunc_called_directly_reads_an_array_by_position_and_a_table_by_name(t
     factors = model.predict(None, obs)
     assert factors.shape == (4,)
     with torch.no_grad():
-        actions = load_policy(path)(torch.as_tensor(obs, dtype=torch.float32)).numpy()[:, 0]
+        actions = net(torch.as_tensor(obs, dtype=torch.float32)).numpy()[:, 0]
     assert np.abs(actions).max() > 0.05  # the scale shows
     np.testing.assert_allclose(factors, 2.0 ** (0.5 * actions), rtol=1e-6)
     # one observation: the same factor up to float32 rounding (a batch of one may take another matmul kernel)
