@@ -4,11 +4,13 @@ their docstrings say, on real training runs."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -26,6 +28,13 @@ def load(script: str, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def suite(monkeypatch):
+    """docs/outside_suite.py imported in this process; its runs leave this process's torch threads as they are."""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    return load("outside_suite.py", monkeypatch)
 
 
 def test_history_plot_draws_a_real_run(tmp_path):
@@ -217,26 +226,19 @@ def test_history_plot_refuses_a_policy_file_that_is_none_before_training(tmp_pat
     assert result.stdout == "" and not (tmp_path / "h.png").exists()
 
 
-def test_outside_suite_standardises_each_split_with_the_training_part_alone(monkeypatch):
+def test_outside_suite_standardises_each_split_with_the_training_part_alone(suite):
     """No statistic of the validation or test samples leaks into the features the runs train on."""
-    suite = load("outside_suite.py", monkeypatch)
     (x, _), (x_val, _), (x_test, _) = suite.splits("circles_plain_sgd", 0)
     assert x.mean(0).abs().max() < 1e-5 and (x.std(0, unbiased=False) - 1).abs().max() < 1e-4
     assert len(x) + len(x_val) + len(x_test) == 1500 and len(x_test) == 300
     assert (x_test.mean(0).abs() > 1e-3).any()  # the held-out parts keep their own offsets
 
 
-def test_outside_suite_steps_each_baseline_as_the_evaluation_protocol_does(monkeypatch):
+def test_outside_suite_steps_each_baseline_as_the_evaluation_protocol_does(suite):
     """Cosine once per epoch, OneCycle once per optimizer step (``envs.evaluation.make_baseline``): a scenario with
     minibatches tells them apart (iris, full batch, takes one step an epoch)."""
-    import math
-
-    import torch
-
     from envs.evaluation import make_baseline
 
-    suite = load("outside_suite.py", monkeypatch)
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # run() sets one thread: this process's stay as is
     name = "circles_plain_sgd"
     scenario = suite.SCENARIOS[name]
     steps = math.ceil(len(suite.splits(name, 0)[0][0]) / scenario.batch)
@@ -254,15 +256,9 @@ def test_outside_suite_steps_each_baseline_as_the_evaluation_protocol_does(monke
         assert not record.diverged and record.lrs == pytest.approx(expected, rel=1e-12), schedule
 
 
-def test_outside_suite_starts_every_schedule_of_a_seed_from_one_model_and_records_mean_losses(monkeypatch):
+def test_outside_suite_starts_every_schedule_of_a_seed_from_one_model_and_records_mean_losses(suite):
     """A seed fixes the initial weights: every schedule starts from the same model (its loss on the test split before
     training), whatever ran before in the process. The train loss recorded is the epoch's mean over its minibatches."""
-    import math
-
-    import torch
-
-    suite = load("outside_suite.py", monkeypatch)
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # run() sets one thread: this process's stay as is
     name = "circles_plain_sgd"
     _, _, (x_test, y_test) = suite.splits(name, 0)
     torch.manual_seed(0)
@@ -279,14 +275,13 @@ def test_outside_suite_starts_every_schedule_of_a_seed_from_one_model_and_record
     assert constant.final_val == constant.val_losses[-1] > min(constant.val_losses)
 
 
-def test_outside_suite_plot_draws_each_schedules_lrs_and_the_oracles_starting_lr(monkeypatch, tmp_path):
+def test_outside_suite_plot_draws_each_schedules_lrs_and_the_oracles_starting_lr(suite, monkeypatch, tmp_path):
     """The plot from records alone (no training): each schedule's LR per epoch, its ratio to the oracle in the label,
     and the LR the oracle's best grid run started at (not where its cosine ended)."""
     from matplotlib.figure import Figure
 
     from envs.evaluation import RunRecord
 
-    suite = load("outside_suite.py", monkeypatch)
     name = "iris_fullbatch"
     grid = [RunRecord(name, 0, -g, "cosine", lrs=[1e-3 * g, 1e-4 * g], final_test=abs(g - 3.0) + 0.5, final_val=1.0)
             for g in (1.0, 3.0, 9.0)]  # the best: x3, started at 3e-3 and annealed to 3e-4
@@ -303,9 +298,8 @@ def test_outside_suite_plot_draws_each_schedules_lrs_and_the_oracles_starting_lr
     assert list(lines["oracle's grid LR"].get_ydata()) == [3e-3, 3e-3]
 
 
-def test_outside_suite_gives_a_regression_no_separate_run_without_accuracy(monkeypatch):
+def test_outside_suite_gives_a_regression_no_separate_run_without_accuracy(suite):
     """On a regression the policy never gets an accuracy: its run stands for ``policy_no_acc`` (no second run)."""
-    suite = load("outside_suite.py", monkeypatch)
     jobs = suite.jobs(["regression_large_scale", "rmsprop"], 1)
     assert {s for n, _, m, s in jobs if n == "regression_large_scale" and m > 0} == set(suite.SCHEDULES) - {
         "policy_no_acc"}
