@@ -133,9 +133,10 @@ class TrainConfig:
     net_arch: tuple[int, ...] = (64, 64)
     """Hidden layers of the policy and value networks."""
     checkpoint_every: int = 10_000
-    """Env steps between checkpoints (SIGKILL loses at most this much; Ctrl-C or SIGTERM checkpoint where it stops)."""
+    """Env steps between checkpoints (SIGKILL loses at most this much plus one rollout; Ctrl-C or SIGTERM checkpoint
+    the last update). Each holds the policy that collects its step: the last PPO update before it."""
     eval_every: int = 25_000
-    """Env steps between validation evaluations (0: only at the end)."""
+    """Env steps between validation evaluations (0: only at the end), of the policy that collects each such step."""
     eval_seeds: int = 1
     """Tasks per validation family and LR multiplier in each evaluation."""
     eval_families: tuple[str, ...] = VALIDATION_FAMILIES
@@ -447,17 +448,30 @@ class MLflowWriter(KVWriter):
         pass
 
 
+def _next_multiple(step: int, every: int) -> float:
+    """The first multiple of ``every`` after ``step`` (infinity for ``every`` 0: never)."""
+    return (step // every + 1) * every if every else math.inf
+
+
 class TrainingCallback(BaseCallback):
-    """Progress bar, periodic checkpoints and periodic validation."""
+    """Progress bar, periodic checkpoints and periodic validation.
+
+    SB3 calls the callback at every env step while it collects a rollout, and learns from the rollout only after it:
+    inside a rollout the policy is the one the last update left, trained on the steps counted when the rollout
+    started (:attr:`trained`). So checkpoints and validations are taken when a rollout starts and labelled with that
+    count. One is due every ``checkpoint_every`` (``eval_every``) steps, and takes the policy that collects that step,
+    the last update before it (none before the first update). A resume collects again what no update learned from.
+    """
 
     def __init__(self, cfg: TrainConfig, out: Path, state: dict[str, Any], tracker: Tracker,
                  validator: Validator, show_progress: bool) -> None:
         super().__init__()
         self.cfg, self.out, self.state, self.tracker, self.validator = cfg, out, state, tracker, validator
         self.show_progress = show_progress
-        self.next_checkpoint = (state["num_timesteps"] // cfg.checkpoint_every + 1) * cfg.checkpoint_every
-        every = cfg.eval_every or math.inf
-        self.next_eval = (state["num_timesteps"] // every + 1) * every if cfg.eval_every else math.inf
+        self.trained: int = state["num_timesteps"]
+        """Env steps the current weights learned from: what a checkpoint or validation of them is labelled."""
+        self.next_checkpoint = _next_multiple(self.trained, cfg.checkpoint_every)
+        self.next_eval = _next_multiple(self.trained, cfg.eval_every)
         self.bar: Any = None
         self._t0 = self._rollout_t0 = time.monotonic()
         self._steps0 = self._rollout_steps0 = state["num_timesteps"]
@@ -479,16 +493,20 @@ class TrainingCallback(BaseCallback):
                 buf = self.model.ep_info_buffer
                 ret = np.mean([e["r"] for e in buf]) if buf else float("nan")
                 self.bar.set_postfix(steps_per_s=f"{sps:.0f}", ep_return=f"{ret:.3f}", refresh=False)
-        if n >= self.next_eval:
-            self.next_eval += self.cfg.eval_every
-            self.validate()
-        if n >= self.next_checkpoint:
-            self.next_checkpoint += self.cfg.checkpoint_every
-            self.checkpoint()
         return True
 
     def _on_rollout_start(self) -> None:
-        self._rollout_t0, self._rollout_steps0 = time.monotonic(), self.model.num_timesteps
+        self.trained = n = self.model.num_timesteps  # the update after the last rollout (if any) learned from all
+        self._rollout_t0, self._rollout_steps0 = time.monotonic(), n
+        last = n + self.model.n_steps * self.model.n_envs  # the last step this rollout collects
+        if last >= self.next_eval:
+            self.next_eval = _next_multiple(last, self.cfg.eval_every)
+            if n > 0 and not (self.state["evals"] and self.state["evals"][-1]["step"] == n):  # not again on resume
+                self.validate()
+        if last >= self.next_checkpoint:
+            self.next_checkpoint = _next_multiple(last, self.cfg.checkpoint_every)
+            if n > self.state["num_timesteps"]:  # learned more than the last checkpoint holds
+                self.checkpoint()
 
     def _on_rollout_end(self) -> None:
         sps = (self.model.num_timesteps - self._rollout_steps0) / max(time.monotonic() - self._rollout_t0, 1e-9)
@@ -499,7 +517,7 @@ class TrainingCallback(BaseCallback):
             self.bar.close()
 
     def validate(self) -> float:
-        n = self.model.num_timesteps
+        n = self.trained
         net = policy_from_sb3(self.model.policy)
         score, metrics, policy_runs, cosine_runs = self.validator(net)
         self.tracker.log_metrics(metrics, n)
@@ -515,7 +533,7 @@ class TrainingCallback(BaseCallback):
         return score
 
     def checkpoint(self) -> None:
-        n = self.model.num_timesteps
+        n = self.trained
         ckpt_dir = self.out / CHECKPOINT_DIR
         ckpt_dir.mkdir(exist_ok=True)
         path = ckpt_dir / f"step_{n:09d}.zip"
@@ -693,8 +711,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
                     model.learn(total_timesteps=remaining, callback=callback, reset_num_timesteps=False)
                     model.logger.dump(model.num_timesteps)  # SB3 dumps before each update: flush the last losses
                 callback.init_callback(model)
+                callback.trained = model.num_timesteps  # learn() returns after an update that learned from all
                 callback.checkpoint()  # before the final validation, which can take minutes: nothing to lose there
-                if not state["evals"] or state["evals"][-1]["step"] != model.num_timesteps:
+                if not state["evals"] or state["evals"][-1]["step"] != callback.trained:
                     callback.validate()  # a resumed run that was stopped here does it again
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was learned since the last checkpoint
             if getattr(callback, "model", None) is not None:
@@ -963,8 +982,8 @@ def cli() -> None:
 @click.option("--gae-lambda", type=click.FloatRange(0, 1), default=_D.gae_lambda, help="PPO GAE lambda.")
 @click.option("--ent-coef", type=click.FloatRange(min=0), default=_D.ent_coef, help="PPO entropy bonus.")
 @click.option("--net-arch", callback=_net, default=",".join(map(str, _D.net_arch)), help="Hidden layer sizes of policy and value nets.")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=_D.checkpoint_every, help="Env steps between checkpoints.")
-@click.option("--eval-every", type=click.IntRange(min=0), default=_D.eval_every, help="Env steps between validation evaluations (0: only at the end).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=_D.checkpoint_every, help="Env steps between checkpoints. Each holds the policy that collects its step (the last PPO update before it), labelled with the steps that update learned from; a SIGKILL loses at most this much plus one rollout.")
+@click.option("--eval-every", type=click.IntRange(min=0), default=_D.eval_every, help="Env steps between validation evaluations (0: only at the end), of the policy that collects each such step (the last PPO update before it), labelled with the steps it learned from.")
 @click.option("--eval-seeds", type=click.IntRange(min=1), default=_D.eval_seeds, help="Tasks per validation family and LR multiplier.")
 @click.option("--eval-families", callback=_families, default=",".join(_D.eval_families), help="Comma-separated validation families of the periodic evaluation; 'validation' stands for that whole group.")
 @click.option("--device", default=_D.device, help='Device of the inner runs: cpu, cuda, cuda:N, or "auto" (CUDA when available).')

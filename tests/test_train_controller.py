@@ -1228,15 +1228,16 @@ def test_resuming_a_finished_run_does_nothing_unless_given_more_timesteps(tmp_pa
 
 
 def test_a_resume_keeps_the_checkpoint_and_validation_cadence_and_draws_fresh_tasks(tmp_path, monkeypatch):
-    """Checkpoints and validations every 48 steps, counted from step 0 across a resume; only the last two checkpoints
-    stay; the resumed run does not replay the first run's tasks."""
+    """Checkpoints and validations due every 96 steps, counted from step 0 across a resume, each of the policy that
+    collects that step (64-step rollouts); only the last two checkpoints stay; the resumed run does not replay the first
+    run's tasks."""
     saved_at: list[int] = []
     first_tasks: list[list] = []  # each learn()'s first tasks, as its reset drew them
     save, make_vec_env = tc.TrainingCallback.checkpoint, tc.make_vec_env
 
-    def recording(self):  # the real checkpoint, with the step it was taken at noted down
-        saved_at.append(self.model.num_timesteps)
+    def recording(self):  # the real checkpoint, with the step it is labelled with noted down
         save(self)
+        saved_at.append(json.loads((self.out / tc.STATE_FILE).read_text())["num_timesteps"])
 
     def noting_first_tasks(cfg):
         venv = make_vec_env(cfg)
@@ -1253,22 +1254,24 @@ def test_a_resume_keeps_the_checkpoint_and_validation_cadence_and_draws_fresh_ta
     monkeypatch.setattr(tc.TrainingCallback, "checkpoint", recording)
     monkeypatch.setattr(tc, "make_vec_env", noting_first_tasks)
     out = tmp_path / "run"
-    cfg = tc.TrainConfig(**{**TINY, "checkpoint_every": 48, "eval_every": 48}, out=str(out),
+    cfg = tc.TrainConfig(**{**TINY, "checkpoint_every": 96, "eval_every": 96}, out=str(out),
                          tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", registered_model="")
 
     def kept() -> list[str]:
         return sorted(p.name for p in (out / tc.CHECKPOINT_DIR).iterdir())
 
     tc.train(cfg, show_progress=False)
-    assert saved_at == [48, 96, 128]  # every 48 steps, then the end
-    assert kept() == ["step_000000096.zip", "step_000000128.zip"]
+    assert saved_at == [64, 128]  # step 96's policy (the update after 64 steps), then the end
+    assert kept() == ["step_000000064.zip", "step_000000128.zip"]
     saved_at.clear()
-    tc.train(dataclasses.replace(cfg, timesteps=256), resume=True, show_progress=False)
-    assert saved_at == [144, 192, 240, 256]  # from 128 on: the multiples of 48, not 128 + 48k
-    assert kept() == ["step_000000240.zip", "step_000000256.zip"]
+    tc.train(dataclasses.replace(cfg, timesteps=320), resume=True, show_progress=False)
+    # step 192's policy is 128's, saved already; step 288's is 256's. Counted from the resume, the steps due would be
+    # 224 and 320: the policies of 192 and 256 (then the end)
+    assert saved_at == [256, 320]
+    assert kept() == ["step_000000256.zip", "step_000000320.zip"]
     assert len(first_tasks) == 2 and first_tasks[1] != first_tasks[0]  # the resume does not replay the first tasks
     validated = [e["step"] for e in json.loads((out / tc.STATE_FILE).read_text())["evals"]]
-    assert validated == [48, 96, 128, 144, 192, 240, 256]  # validation keeps the same cadence
+    assert validated == [64, 128, 256, 320]  # validation keeps the same cadence, and scores 128's policy once
 
 
 def test_evaluate_no_accuracy_gives_the_policy_only_the_losses(tmp_path):
@@ -1293,3 +1296,70 @@ def test_evaluate_no_accuracy_gives_the_policy_only_the_losses(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("lrcontrol-evaluation").experiment_id])
     assert runs[0].data.params["policy_accuracy"] == "False"
+
+
+def test_checkpoints_and_validations_hold_the_policy_trained_on_the_steps_they_are_labelled_with(tmp_path, monkeypatch):
+    """SB3 calls the callback at every env step while it collects a rollout, and learns from the rollout only after:
+    a policy saved or scored in the middle of one is the previous update's. Each checkpoint, validation and exported
+    policy must hold the weights trained on exactly the steps it is labelled with, an interrupt in the middle of a
+    rollout too, and a resume must collect the steps no update learned from again."""
+    from stable_baselines3 import PPO
+
+    updates: dict[int, dict] = {}  # env steps trained on → the actor's weights then
+    run_updates, validate, checkpoint, on_step = PPO.train, tc.Validator.__call__, tc.TrainingCallback.checkpoint, \
+        tc.TrainingCallback._on_step
+    scored: list[dict] = []  # every validated policy's weights, in order
+    saved: list[tuple[str, dict]] = []  # every checkpoint's file name and weights
+
+    def recording_update(self):
+        if not updates:
+            updates[0] = policy_from_sb3(self.policy).state_dict()
+        run_updates(self)
+        updates[self.num_timesteps] = policy_from_sb3(self.policy).state_dict()
+
+    def recording_validate(self, net):
+        scored.append(net.state_dict())
+        return validate(self, net)
+
+    def recording_checkpoint(self):
+        checkpoint(self)
+        name = json.loads((self.out / tc.STATE_FILE).read_text())["checkpoint"]
+        saved.append((name, read_sb3_zip(self.out / tc.CHECKPOINT_DIR / name).state_dict()))
+
+    def interrupting(self):  # Ctrl-C in the middle of the third rollout (steps 129-192)
+        if self.model.num_timesteps == 160 and interrupt:
+            raise KeyboardInterrupt
+        return on_step(self)
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    monkeypatch.setattr(PPO, "train", recording_update)
+    monkeypatch.setattr(tc.Validator, "__call__", recording_validate)
+    monkeypatch.setattr(tc.TrainingCallback, "checkpoint", recording_checkpoint)
+    monkeypatch.setattr(tc.TrainingCallback, "_on_step", interrupting)
+    out = tmp_path / "run"
+    # rollouts of 64 steps; checkpoints and validations due at steps 96 and 192, inside the second and third rollouts
+    cfg = tc.TrainConfig(**{**TINY, "timesteps": 256, "checkpoint_every": 96, "eval_every": 96}, out=str(out),
+                         tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", registered_model="")
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        tc.train(cfg, show_progress=False)
+    state = json.loads((out / tc.STATE_FILE).read_text())
+    assert sorted(updates) == [0, 64, 128]  # two updates before the interrupt
+    # the policies collecting steps 96 and 192 were those trained on 64 and 128 steps; the interrupt keeps the latter
+    assert [e["step"] for e in state["evals"]] == [64, 128] and state["num_timesteps"] == 128
+    assert [name for name, _ in saved] == ["step_000000064.zip", "step_000000128.zip", "step_000000128.zip"]
+    assert all(same(s, updates[e["step"]]) for s, e in zip(scored, state["evals"], strict=True))
+    assert all(same(weights, updates[int(name[5:14])]) for name, weights in saved)
+
+    interrupt = False
+    tc.train(dataclasses.replace(cfg, timesteps=256), resume=True, show_progress=False)
+    state = json.loads((out / tc.STATE_FILE).read_text())
+    assert sorted(updates) == [0, 64, 128, 192, 256]  # steps 129-192 collected again: two more updates, not one
+    assert [e["step"] for e in state["evals"]] == [64, 128, 256]  # the 128 policy is not scored twice
+    assert all(same(s, updates[e["step"]]) for s, e in zip(scored, state["evals"], strict=True))
+    assert all(same(weights, updates[int(name[5:14])]) for name, weights in saved)
+    assert state["num_timesteps"] == 256 and saved[-1][0] == "step_000000256.zip"
+    exported = load_policy(out / tc.POLICY_FILE)
+    assert same(exported.state_dict(), updates[exported.metadata["training"]["timesteps"]])
