@@ -247,8 +247,15 @@ def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
 
     An http(s) server must answer ``/health`` within ``timeout`` seconds (MLflow's own retries take
     minutes). Any other URI must open as an MLflow store: an unknown scheme, a database driver that is
-    not installed or a store MLflow refuses is named here, not in a traceback after the run started.
+    not installed or a store MLflow refuses is named here, not in a traceback after the run started. An
+    in-memory sqlite store opens but keeps nothing past this process: it is refused too.
     """
+    if uri.startswith("sqlite://") and uri[len("sqlite://") :].split("?", 1)[0] in ("", "/", "/:memory:"):
+        raise click.ClickException(
+            f"{uri} is an in-memory MLflow store: the run and everything logged to it would be gone when this command "
+            "ends (and --resume could not find it). Use sqlite:///path/to/mlflow.db (leave out --tracking-uri for "
+            "./mlflow.db) or a server's http(s)://host:port."
+        )
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
@@ -841,13 +848,19 @@ def evaluate(policy: Path | None, families: Sequence[str], seeds: int, out: Path
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
     check_local_data(families)
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise click.ClickException(f"cannot create {out}: {err}") from None
     uri = resolve_tracking_uri(tracking_uri)
-    check_tracking_uri(uri)  # last: a new sqlite store takes seconds to set up
-    check_experiment(uri, experiment)  # a deleted one would fail only after all the runs
+    try:
+        check_tracking_uri(uri)  # last: a new sqlite store takes seconds to set up
+        check_experiment(uri, experiment)  # a deleted one would fail only after all the runs
+    except click.ClickException:
+        if created:  # refused before any work: leave no empty OUT behind
+            out.rmdir()
+        raise
     total = n_jobs(families, seeds, MULTIPLIERS, 1 + len(BASELINES))
     pool = make_pool(workers)
     try:

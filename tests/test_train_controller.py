@@ -837,7 +837,17 @@ def test_commands_refuse_what_they_cannot_use_before_any_work(tmp_path):
     for command in ("train", "evaluate"):  # a URI MLflow cannot open: named before any work, no traceback
         result = runner.invoke(tc.cli, [command, "--tracking-uri", "bogus://x", "--out", str(tmp_path / command)])
         assert result.exit_code == 1 and "cannot use 'bogus://x' as an MLflow tracking URI" in result.output
-        assert not (tmp_path / command / tc.STATE_FILE).exists()
+        assert not (tmp_path / command).exists()  # no OUT left behind
+    # an in-memory store opens, and everything logged to it is gone when the command ends (small runs, should it not
+    # be refused)
+    for uri in ("sqlite:///:memory:", "sqlite://", "sqlite:///?cache=shared", "sqlite:///:memory:?cache=shared"):
+        with pytest.raises(click.ClickException, match=re.escape(f"{uri} is an in-memory MLflow store")):
+            tc.check_tracking_uri(uri)
+    for args in (["train", *TINY_CLI, "--timesteps", "64"], ["evaluate", "--families", "wine_mlp", "--seeds", "1"]):
+        result = runner.invoke(tc.cli, [*args, "--tracking-uri", "sqlite:///:memory:", "--out", str(tmp_path / "mem")])
+        assert result.exit_code == 1 and "sqlite:///:memory: is an in-memory MLflow store" in result.output, result.output
+        assert not (tmp_path / "mem").exists()
+    tc.check_tracking_uri(f"sqlite:///{tmp_path / 'memory.db'}")  # a file merely named so is a store
     # a blank experiment name: MLflow would refuse it only after all of evaluate's runs
     result = runner.invoke(tc.cli, ["evaluate", "--experiment", " ", "--families", "wine_mlp", "--seeds", "1", "--out",
                                     str(tmp_path / "blank"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
