@@ -1237,6 +1237,30 @@ def test_resuming_a_finished_run_does_nothing_unless_given_more_timesteps(tmp_pa
     assert (status, best_logged, versions) == ("FINISHED", 2, 2)
 
 
+def test_a_finished_run_trained_further_and_interrupted_is_not_finished(tmp_path, monkeypatch):
+    """A finished run resumed with more steps and stopped after an update holds steps no validation has seen: a resume
+    to the step it reached validates and exports them, rather than calling the run finished."""
+    out = tmp_path / "run"
+    cfg = tc.TrainConfig(**TINY, out=str(out), tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", registered_model="")
+    tc.train(cfg, show_progress=False)  # finished at 128
+    on_step = tc.TrainingCallback._on_step
+
+    def interrupting(self):  # Ctrl-C while collecting steps 193-256, after the update that learned from 192
+        if self.model.num_timesteps == 224:
+            raise KeyboardInterrupt
+        return on_step(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(tc.TrainingCallback, "_on_step", interrupting)
+        with pytest.raises(KeyboardInterrupt):
+            tc.train(dataclasses.replace(cfg, timesteps=256), resume=True, show_progress=False)
+    state = json.loads((out / tc.STATE_FILE).read_text())
+    assert state["num_timesteps"] == 192 and "finished" not in state
+    tc.train(dataclasses.replace(cfg, timesteps=192), resume=True, show_progress=False)
+    state = json.loads((out / tc.STATE_FILE).read_text())
+    assert [e["step"] for e in state["evals"]] == [128, 192] and state["finished"]
+
+
 def test_a_resume_keeps_the_checkpoint_and_validation_cadence_and_draws_fresh_tasks(tmp_path, monkeypatch):
     """Checkpoints and validations due every 96 steps, counted from step 0 across a resume, each of the policy that
     collects that step (64-step rollouts); only the last two checkpoints stay; the resumed run does not replay the first
