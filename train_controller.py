@@ -505,7 +505,7 @@ class TrainingCallback(BaseCallback):
     def _on_rollout_start(self) -> None:
         self.trained = n = self.model.num_timesteps  # the update after the last rollout (if any) learned from all
         self._rollout_t0, self._rollout_steps0 = time.monotonic(), n
-        last = n + self.model.n_steps * self.model.n_envs  # the last step this rollout collects
+        last = n + self.cfg.n_steps * self.cfg.n_envs  # the last step this rollout collects
         if last >= self.next_eval:
             self.next_eval = _next_multiple(last, self.cfg.eval_every)
             if n > 0 and not (self.state["evals"] and self.state["evals"][-1]["step"] == n):  # not again on resume
