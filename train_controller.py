@@ -545,7 +545,12 @@ class TrainingCallback(BaseCallback):
         ckpt_dir.mkdir(exist_ok=True)
         path = ckpt_dir / f"step_{n:09d}.zip"
         tmp = ckpt_dir / f".tmp_{n}.zip"
-        self.model.save(tmp)
+        # the zip's own count (what PPO.load reads) is the steps learned from too, not those collected mid-rollout
+        collected, self.model.num_timesteps = self.model.num_timesteps, n
+        try:
+            self.model.save(tmp)
+        finally:
+            self.model.num_timesteps = collected
         os.replace(tmp, path)
         self.state.update(num_timesteps=n, checkpoint=path.name)
         _atomic_write_json(self.out / STATE_FILE, self.state)

@@ -1359,6 +1359,8 @@ def test_checkpoints_and_validations_hold_the_policy_trained_on_the_steps_they_a
         checkpoint(self)
         name = json.loads((self.out / tc.STATE_FILE).read_text())["checkpoint"]
         saved.append((name, read_sb3_zip(self.out / tc.CHECKPOINT_DIR / name).state_dict()))
+        with zipfile.ZipFile(self.out / tc.CHECKPOINT_DIR / name) as archive:  # SB3's own count, as PPO.load reads it
+            assert json.loads(archive.read("data"))["num_timesteps"] == int(name[5:14])
 
     def interrupting(self):  # Ctrl-C in the middle of the third rollout (steps 129-192)
         if self.model.num_timesteps == 160 and interrupt:
