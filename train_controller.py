@@ -728,9 +728,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress: bool = True)
                 if not state["evals"] or state["evals"][-1]["step"] != callback.trained:
                     callback.validate()  # a resumed run that was stopped here does it again
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was learned since the last checkpoint
+            collected = state["num_timesteps"]
             if getattr(callback, "model", None) is not None:
+                collected = callback.model.num_timesteps
                 callback.checkpoint()
-            click.echo(f"\ninterrupted at step {state['num_timesteps']}, checkpoint saved: continue with "
+            learned = state["num_timesteps"]
+            where = f"at step {collected}" + ("" if collected == learned else (
+                f" (the last PPO update learned from {learned} steps: a resume collects the steps after them again)"))
+            click.echo(f"\ninterrupted {where}, checkpoint saved: continue with "
                        f"`python train_controller.py train --out {out} --resume`", err=True)
             raise
 

@@ -1332,7 +1332,8 @@ def test_evaluate_no_accuracy_gives_the_policy_only_the_losses(tmp_path):
     assert runs[0].data.params["policy_accuracy"] == "False"
 
 
-def test_checkpoints_and_validations_hold_the_policy_trained_on_the_steps_they_are_labelled_with(tmp_path, monkeypatch):
+def test_checkpoints_and_validations_hold_the_policy_trained_on_the_steps_they_are_labelled_with(tmp_path, monkeypatch,
+                                                                                               capsys):
     """SB3 calls the callback at every env step while it collects a rollout, and learns from the rollout only after:
     a policy saved or scored in the middle of one is the previous update's. Each checkpoint, validation and exported
     policy must hold the weights trained on exactly the steps it is labelled with, an interrupt in the middle of a
@@ -1382,6 +1383,8 @@ def test_checkpoints_and_validations_hold_the_policy_trained_on_the_steps_they_a
     with pytest.raises(KeyboardInterrupt):
         tc.train(cfg, show_progress=False)
     state = json.loads((out / tc.STATE_FILE).read_text())
+    assert "interrupted at step 160 (the last PPO update learned from 128 steps: a resume collects the steps after " \
+        "them again), checkpoint saved" in capsys.readouterr().err
     assert sorted(updates) == [0, 64, 128]  # two updates before the interrupt
     # the policies collecting steps 96 and 192 were those trained on 64 and 128 steps; the interrupt keeps the latter
     assert [e["step"] for e in state["evals"]] == [64, 128] and state["num_timesteps"] == 128
