@@ -201,12 +201,22 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return f"sqlite:///{path.resolve()}" if path is not None and not path.is_absolute() else uri
 
 
+_IN_MEMORY = ("", "/", "/:memory:")
+"""What a ``sqlite://`` URI names for an in-memory database (:func:`_sqlite_database`)."""
+
+
+def _sqlite_database(uri: str) -> str | None:
+    """What a ``sqlite://`` URI names, its query left out: ``/path/to/file.db``, or one of :data:`_IN_MEMORY` (None for
+    other URIs)."""
+    return uri[len("sqlite://") :].split("?", 1)[0] if uri.startswith("sqlite://") else None
+
+
 def _sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (None for other URIs and in-memory databases)."""
-    if not uri.startswith("sqlite:///"):
+    database = _sqlite_database(uri)
+    if database is None or database in _IN_MEMORY or not database.startswith("/"):
         return None
-    path = uri[len("sqlite:///") :].split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
+    return Path(database[1:])
 
 
 def check_experiment(uri: str, name: str) -> None:
@@ -250,7 +260,7 @@ def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
     not installed or a store MLflow refuses is named here, not in a traceback after the run started. An
     in-memory sqlite store opens but keeps nothing past this process: it is refused too.
     """
-    if uri.startswith("sqlite://") and uri[len("sqlite://") :].split("?", 1)[0] in ("", "/", "/:memory:"):
+    if _sqlite_database(uri) in _IN_MEMORY:
         raise click.ClickException(
             f"{uri} is an in-memory MLflow store: the run and everything logged to it would be gone when this command "
             "ends (and --resume could not find it). Use sqlite:///path/to/mlflow.db (leave out --tracking-uri for "
